@@ -1,0 +1,76 @@
+"""``edge-agent``: the device daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from agent import __version__
+from agent.config import ConfigError, check_files, load_config
+from agent.protocol import json_schemas
+
+EXIT_OK = 0
+EXIT_INVALID = 2
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        for line in err.problems:
+            print(line, file=sys.stderr)
+        return EXIT_INVALID
+    problems = check_files(config)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return EXIT_INVALID
+    if not args.offline:
+        from agent.ops.check import check_online
+
+        problems = check_online(config)
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            return EXIT_INVALID
+    print(f"{args.config}: ok (device {config.device.id}, {len(config.pipelines)} pipeline(s))")
+    return EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    schemas = json_schemas()
+    if args.message:
+        if args.message not in schemas:
+            print(f"unknown message {args.message!r}; known: {', '.join(schemas)}", file=sys.stderr)
+            return EXIT_INVALID
+        schemas = {args.message: schemas[args.message]}
+    json.dump(schemas, sys.stdout, indent=2, sort_keys=True)
+    print()
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("config", help="path to the YAML config")
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the file and the files it names only; touch no network or hardware",
+    )
+    check.set_defaults(func=_cmd_check)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of every wire message")
+    schema.add_argument("--message", help="only this message (Command, Reply, State, ...)")
+    schema.set_defaults(func=_cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

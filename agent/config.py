@@ -1,0 +1,409 @@
+"""The agent's configuration: pydantic models loaded from YAML.
+
+Every model forbids unknown keys so that a misspelled option is an error, not a
+silently ignored line. ``load_config`` turns every problem into a ``ConfigError``
+whose lines each name the key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeAlias
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.protocol import (
+    DEFAULT_PREFIX,
+    DeviceId,
+    GroupId,
+    Name,
+    validation_problems,
+)
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` holds one ``path: reason`` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+# ------------------------------------------------------------------------------ mqtt
+
+
+class TlsConfig(_Section):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = Field(default=None, description="client certificate for mTLS")
+    key_file: Path | None = None
+    verify_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _cert_needs_key(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class ReconnectConfig(_Section):
+    min_delay_s: PositiveFloat = 1.0
+    max_delay_s: PositiveFloat = 60.0
+
+
+class MqttConfig(_Section):
+    host: str = "localhost"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive_s: Annotated[int, Field(ge=5, le=65535)] = 30
+    topic_prefix: str = DEFAULT_PREFIX
+    username: str | None = None
+    password: str | None = Field(default=None, description="prefer password_file or password_env")
+    password_file: Path | None = None
+    password_env: str | None = None
+    tls: TlsConfig = TlsConfig()
+    reconnect: ReconnectConfig = ReconnectConfig()
+    session_expiry_s: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_as_text(cls, data: Any) -> Any:
+        # YAML reads `protocol: 5` as an int; accept it.
+        if isinstance(data, dict) and isinstance(data.get("protocol"), int | float):
+            data = {**data, "protocol": str(data["protocol"])}
+        return data
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> MqttConfig:
+        given = [k for k in ("password", "password_file", "password_env") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give only one of {', '.join(given)}")
+        return self
+
+
+# ------------------------------------------------------------------ runtime, models
+
+
+class RuntimeConfig(_Section):
+    prefer: Literal["auto", "ai_edge_litert", "tflite_runtime", "tensorflow"] = "auto"
+    num_threads: Annotated[int, Field(ge=1, le=64)] = 2
+    delegate: Literal["cpu", "edgetpu", "external"] = Field(
+        default="cpu", description="cpu = the runtime's default XNNPACK path"
+    )
+    delegate_path: Path | None = None
+    delegate_options: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _external_needs_path(self) -> RuntimeConfig:
+        if self.delegate == "external" and self.delegate_path is None:
+            raise ValueError("delegate 'external' needs delegate_path")
+        return self
+
+
+class ValidationConfig(_Section):
+    timeout_s: PositiveFloat = 60.0
+    memory_mb: Annotated[int, Field(ge=32)] = 1024
+
+
+class ProbationConfig(_Section):
+    duration_s: Annotated[float, Field(ge=0)] = 30.0
+    min_inferences: Annotated[int, Field(ge=0)] = 20
+    max_latency_ratio: Annotated[float, Field(gt=1)] = 2.0
+
+
+class DownloadConfig(_Section):
+    timeout_s: PositiveFloat = 120.0
+    max_bytes: Annotated[int, Field(gt=0)] = 512 * 1024 * 1024
+
+
+class ModelsConfig(_Section):
+    require_signature: bool = True
+    trusted_keys: list[Path] = Field(default_factory=list, description="Ed25519 public keys")
+    keep_versions: Annotated[int, Field(ge=1)] = 3
+    validation: ValidationConfig = ValidationConfig()
+    probation: ProbationConfig = ProbationConfig()
+    download: DownloadConfig = DownloadConfig()
+
+
+# ------------------------------------------------------------------------- sources
+
+
+class CameraSource(_Section):
+    type: Literal["camera"]
+    device: int | str = Field(
+        default=0, description="index, /dev/videoN, rtsp:// or http:// URL, or GStreamer pipeline"
+    )
+    width: Annotated[int, Field(gt=0)] | None = None
+    height: Annotated[int, Field(gt=0)] | None = None
+    fps: PositiveFloat | None = None
+
+
+class PiCamera2Source(_Section):
+    type: Literal["picamera2"]
+    width: Annotated[int, Field(gt=0)] = 640
+    height: Annotated[int, Field(gt=0)] = 480
+    fps: PositiveFloat | None = None
+
+
+class VideoSource(_Section):
+    type: Literal["video"]
+    path: Path
+    loop: bool = True
+    pace: Literal["native", "fast"] = "native"
+
+
+class ImagesSource(_Section):
+    type: Literal["images"]
+    path: Path
+    loop: bool = True
+    fps: PositiveFloat | None = None
+
+
+class SensorSource(_Section):
+    type: Literal["sensor"]
+    input: Literal["serial", "file", "stdin"]
+    port: str | None = Field(default=None, description="serial device, e.g. /dev/ttyUSB0")
+    baudrate: Annotated[int, Field(gt=0)] = 115200
+    path: Path | None = Field(default=None, description="CSV or JSONL to replay")
+    rate_hz: PositiveFloat | None = Field(default=None, description="replay pace")
+    columns: list[str] | None = None
+    window: Annotated[int, Field(gt=0)]
+    hop: Annotated[int, Field(gt=0)] = 1
+
+    @model_validator(mode="after")
+    def _input_needs_its_key(self) -> SensorSource:
+        if self.input == "serial" and not self.port:
+            raise ValueError("input 'serial' needs port")
+        if self.input == "file" and self.path is None:
+            raise ValueError("input 'file' needs path")
+        return self
+
+
+class SyntheticSource(_Section):
+    type: Literal["synthetic"]
+    kind: Literal["frames", "digits", "windows"] = "frames"
+    width: Annotated[int, Field(gt=0)] = 224
+    height: Annotated[int, Field(gt=0)] = 224
+    channels: Literal[1, 3] = 3
+    fps: PositiveFloat = 10.0
+    seed: int = 0
+
+
+SourceConfig: TypeAlias = Annotated[
+    CameraSource | PiCamera2Source | VideoSource | ImagesSource | SensorSource | SyntheticSource,
+    Field(discriminator="type"),
+]
+
+
+class PublishConfig(_Section):
+    mode: Literal["every", "rate", "change"] = "every"
+    max_per_s: PositiveFloat | None = None
+    score_delta: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _rate_needs_limit(self) -> PublishConfig:
+        if self.mode == "rate" and self.max_per_s is None:
+            raise ValueError("mode 'rate' needs max_per_s")
+        return self
+
+
+class PipelineConfig(_Section):
+    name: Name
+    model: Name = Field(description="model name in the store; deploys of that name update it")
+    source: SourceConfig
+    resize: Literal["stretch", "letterbox"] = "stretch"
+    top_k: Annotated[int, Field(ge=1)] = 3
+    threshold: Annotated[float, Field(ge=0, le=1)] = 0.0
+    publish: PublishConfig = PublishConfig()
+    queue: Literal["latest", "fifo"] = Field(
+        default="latest", description="latest: drop stale camera frames; fifo: sensors"
+    )
+
+
+# ----------------------------------------------------------------------- ops, root
+
+
+class TelemetryConfig(_Section):
+    interval_s: Annotated[float, Field(ge=1)] = 10.0
+
+
+class HttpApiConfig(_Section):
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 9470
+
+
+class OutboxConfig(_Section):
+    max_messages: Annotated[int, Field(gt=0)] = 100_000
+    max_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
+
+
+class DeviceConfig(_Section):
+    id: DeviceId
+    groups: list[GroupId] = Field(default_factory=list)
+
+
+class AgentConfig(_Section):
+    device: DeviceConfig
+    state_dir: Path = Path("/var/lib/edge-agent")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mqtt: MqttConfig = MqttConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    models: ModelsConfig = ModelsConfig()
+    pipelines: list[PipelineConfig] = Field(default_factory=list)
+    telemetry: TelemetryConfig = TelemetryConfig()
+    http: HttpApiConfig = HttpApiConfig()
+    outbox: OutboxConfig = OutboxConfig()
+
+    @model_validator(mode="after")
+    def _signing_keys(self) -> AgentConfig:
+        # Checked here rather than in ModelsConfig so the message can name the key path.
+        if self.models.require_signature and not self.models.trusted_keys:
+            raise ValueError(
+                "models.trusted_keys is empty but models.require_signature is true "
+                "(the default): list the fleet's public keys, or set require_signature: false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _unique_pipeline_names(self) -> AgentConfig:
+        names = [p.name for p in self.pipelines]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pipeline names must be unique: {', '.join(dupes)}")
+        return self
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """Field names at ``path`` inside ``model`` (best effort, for did-you-mean hints)."""
+    current: list[type[BaseModel]] = [model]
+    for step in path:
+        if step.isdigit():
+            continue
+        found: list[type[BaseModel]] = []
+        for m in current:
+            field = m.model_fields.get(step)
+            if field is None:
+                continue
+            annotation = field.annotation
+            for a in (annotation, *getattr(annotation, "__args__", ())):
+                if isinstance(a, type) and issubclass(a, BaseModel):
+                    found.append(a)
+        current = found
+    return sorted({name for m in current for name in m.model_fields})
+
+
+def parse_config(data: Any, source: str = "config") -> AgentConfig:
+    """Validate already-loaded YAML data; raises ``ConfigError``."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: top level must be a mapping of keys"])
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for path, msg in validation_problems(err, data):
+            if msg == "unknown key":
+                *parent, key = path.split(".")
+                hints = difflib.get_close_matches(
+                    key, _known_keys(AgentConfig, parent), n=1, cutoff=0.6
+                )
+                if hints:
+                    msg = f"unknown key (did you mean {hints[0]!r}?)"
+            elif msg.startswith("Value error, "):
+                msg = msg.removeprefix("Value error, ")
+            lines.append(f"{path}: {msg}")
+        raise ConfigError(lines) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and validate a YAML config file; raises ``ConfigError``.
+
+    Relative file paths inside the config are taken relative to the config file.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{p}:{where}: invalid YAML: {problem}"]) from None
+    config = parse_config(data if data is not None else {}, str(p))
+    return _resolve_paths(config, p.parent.resolve())
+
+
+def _path_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, BaseModel, str]]:
+    """Every (key path, owning model, field name) whose value is a Path or list of Paths."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        path = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            yield from _path_fields(value, f"{path}.")
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            for i, item in enumerate(value):
+                yield from _path_fields(item, f"{path}.{i}.")
+        elif isinstance(value, Path) or (
+            isinstance(value, list) and value and isinstance(value[0], Path)
+        ):
+            yield path, model, name
+
+
+def _resolve_paths(config: AgentConfig, base: Path) -> AgentConfig:
+    for _path, owner, name in _path_fields(config):
+        value = getattr(owner, name)
+        if isinstance(value, list):
+            setattr(owner, name, [v if v.is_absolute() else base / v for v in value])
+        elif not value.is_absolute():
+            setattr(owner, name, base / value)
+    return config
+
+
+# Files the agent reads at start-up; state_dir is created by the agent (or systemd).
+_MUST_EXIST = {
+    "mqtt.tls.ca_file",
+    "mqtt.tls.cert_file",
+    "mqtt.tls.key_file",
+    "mqtt.password_file",
+    "models.trusted_keys",
+    "runtime.delegate_path",
+}
+
+
+def check_files(config: AgentConfig) -> list[str]:
+    """Problems with files the config names, without touching network or hardware."""
+    problems = []
+    for path, owner, name in _path_fields(config):
+        generic = ".".join(p for p in path.split(".") if not p.isdigit())
+        value = getattr(owner, name)
+        values = value if isinstance(value, list) else [value]
+        for i, v in enumerate(values):
+            where = f"{path}.{i}" if isinstance(value, list) else path
+            source_file = generic in ("pipelines.source.path",)
+            if generic in _MUST_EXIST or source_file:
+                if not v.exists():
+                    problems.append(f"{where}: file not found: {v}")
+                elif generic != "pipelines.source.path" and not os.access(v, os.R_OK):
+                    problems.append(f"{where}: file not readable: {v}")
+    if config.mqtt.password_env and config.mqtt.password_env not in os.environ:
+        problems.append(
+            f"mqtt.password_env: environment variable {config.mqtt.password_env} is not set"
+        )
+    return problems

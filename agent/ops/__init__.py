@@ -1,0 +1,1 @@
+"""Operations: diagnostics, telemetry, metrics, the local API."""

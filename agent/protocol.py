@@ -1,0 +1,481 @@
+"""The wire protocol between devices and fleet consoles: topics and message models.
+
+This module is the one definition of the protocol. The agent and the fleet console
+both import it; a console in another language follows ``docs/protocol.md`` and the
+JSON Schemas printed by ``edge-agent schema``.
+
+Topics, under a configurable prefix (default ``edge``):
+
+=====================================  =====  ======  ===================================
+topic                                  QoS    retain  payload
+=====================================  =====  ======  ===================================
+``<prefix>/<device>/cmd``              1      no      a command (``Command``)
+``<prefix>/group/<group>/cmd``         1      no      a command for every member
+``<prefix>/<device>/reply``            1      no      ``Reply`` (MQTT 5: the response topic)
+``<prefix>/<device>/state``            1      yes     ``State``; the last will says offline
+``<prefix>/<device>/telemetry``        0      no      ``Telemetry``
+``<prefix>/<device>/results/<pipe>``   1      no      ``Result``
+``<prefix>/transfer/<transfer_id>``    1      no      ``Chunk`` (model bytes over MQTT)
+=====================================  =====  ======  ===================================
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from enum import Enum
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+PROTOCOL_VERSION = 1
+DEFAULT_PREFIX = "edge"
+
+# A command carries a manifest but never model bytes, so it stays small; anything
+# larger is refused before it is parsed.
+MAX_COMMAND_BYTES = 256 * 1024
+MAX_ID_LENGTH = 64
+
+# Second-level topic words that cannot be device ids, or their topics would collide.
+RESERVED_DEVICE_IDS = frozenset({"group", "transfer"})
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ProtocolError(ValueError):
+    """A payload or identifier that does not follow the protocol."""
+
+    def __init__(self, code: ReplyCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _check_id(value: str, what: str, max_len: int = MAX_ID_LENGTH) -> str:
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if len(value) > max_len:
+        raise ValueError(f"{what} is longer than {max_len} characters")
+    if not _ID_RE.match(value):
+        raise ValueError(
+            f"{what} {value!r} may hold only letters, digits, '.', '_' and '-' "
+            "and must start with a letter or digit (no '/', '+', '#')"
+        )
+    return value
+
+
+def validate_device_id(value: str) -> str:
+    _check_id(value, "device id")
+    if value in RESERVED_DEVICE_IDS:
+        raise ValueError(f"device id {value!r} is reserved")
+    return value
+
+
+def validate_group_id(value: str) -> str:
+    return _check_id(value, "group id")
+
+
+def validate_name(value: str) -> str:
+    """Model and pipeline names, and versions: they become directory names on the device."""
+    return _check_id(value, "name", max_len=128)
+
+
+DeviceId = Annotated[str, AfterValidator(validate_device_id)]
+GroupId = Annotated[str, AfterValidator(validate_group_id)]
+Name = Annotated[str, AfterValidator(validate_name)]
+CommandId = Annotated[str, AfterValidator(lambda v: _check_id(v, "command id"))]
+
+
+# ---------------------------------------------------------------------------- topics
+
+
+class Topics:
+    """Topic builders and parsers for one prefix."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        parts = prefix.split("/")
+        for part in parts:
+            _check_id(part, "topic prefix segment")
+        self.prefix = prefix
+        self._depth = len(parts)
+
+    def cmd(self, device: str) -> str:
+        return f"{self.prefix}/{validate_device_id(device)}/cmd"
+
+    def group_cmd(self, group: str) -> str:
+        return f"{self.prefix}/group/{validate_group_id(group)}/cmd"
+
+    def reply(self, device: str) -> str:
+        return f"{self.prefix}/{validate_device_id(device)}/reply"
+
+    def state(self, device: str) -> str:
+        return f"{self.prefix}/{validate_device_id(device)}/state"
+
+    def telemetry(self, device: str) -> str:
+        return f"{self.prefix}/{validate_device_id(device)}/telemetry"
+
+    def results(self, device: str, pipeline: str) -> str:
+        return f"{self.prefix}/{validate_device_id(device)}/results/{validate_name(pipeline)}"
+
+    def transfer(self, transfer_id: str) -> str:
+        return f"{self.prefix}/transfer/{_check_id(transfer_id, 'transfer id')}"
+
+    # Wildcard subscriptions for a console that watches the whole fleet.
+    def all_states(self) -> str:
+        return f"{self.prefix}/+/state"
+
+    def all_replies(self) -> str:
+        return f"{self.prefix}/+/reply"
+
+    def all_telemetry(self) -> str:
+        return f"{self.prefix}/+/telemetry"
+
+    def all_results(self) -> str:
+        return f"{self.prefix}/+/results/+"
+
+    def parse(self, topic: str) -> tuple[str, str, str | None]:
+        """Split a device topic into ``(device, kind, pipeline)``.
+
+        ``kind`` is one of cmd, reply, state, telemetry, results; ``pipeline`` is set
+        for results only. Raises ``ProtocolError`` for any other topic.
+        """
+        parts = topic.split("/")
+        head, rest = parts[: self._depth], parts[self._depth :]
+        bad = ProtocolError(ReplyCode.SCHEMA, f"not a device topic under {self.prefix!r}: {topic}")
+        if "/".join(head) != self.prefix or len(rest) < 2:
+            raise bad
+        device, kind = rest[0], rest[1]
+        try:
+            validate_device_id(device)
+        except ValueError:
+            raise bad from None
+        if kind == "results" and len(rest) == 3:
+            return device, kind, rest[2]
+        if kind in ("cmd", "reply", "state", "telemetry") and len(rest) == 2:
+            return device, kind, None
+        raise bad
+
+
+# -------------------------------------------------------------------------- messages
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class ReplyCode(str, Enum):
+    """Machine-readable outcome of a command; ``message`` carries the human text."""
+
+    OK = "ok"
+    ACCEPTED = "accepted"
+    IN_PROGRESS = "in_progress"
+    BAD_JSON = "bad_json"
+    UNKNOWN_OP = "unknown_op"
+    SCHEMA = "schema"
+    TOO_LARGE = "too_large"
+    EXPIRED = "expired"
+    DUPLICATE = "duplicate"
+    BUSY = "busy"
+    NOT_FOUND = "not_found"
+    BAD_MANIFEST = "bad_manifest"
+    BAD_SIGNATURE = "bad_signature"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    DOWNLOAD_FAILED = "download_failed"
+    STORAGE_FAILED = "storage_failed"
+    VALIDATION_FAILED = "validation_failed"
+    INCOMPATIBLE = "incompatible"
+    PROBATION_FAILED = "probation_failed"
+    CONFIG_REJECTED = "config_rejected"
+    INTERNAL = "internal"
+
+
+# Commands ---------------------------------------------------------------------------
+
+
+class _CommandBase(Message):
+    id: CommandId
+    issued_at: float | None = Field(default=None, description="Unix time the console sent it")
+    expires_at: float | None = Field(
+        default=None, description="Unix time after which the device refuses the command"
+    )
+
+
+class HttpArtifact(Message):
+    """The model file at a URL (http or https) the device downloads."""
+
+    kind: Literal["http"] = "http"
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
+
+
+class MqttArtifact(Message):
+    """The model file sent as ``Chunk`` messages on ``<prefix>/transfer/<transfer_id>``."""
+
+    kind: Literal["mqtt"] = "mqtt"
+    transfer_id: CommandId
+    chunk_size: Annotated[int, Field(gt=0, le=MAX_COMMAND_BYTES)]
+    chunks: Annotated[int, Field(gt=0)]
+
+
+Artifact: TypeAlias = Annotated[HttpArtifact | MqttArtifact, Field(discriminator="kind")]
+
+
+class DeployCommand(_CommandBase):
+    op: Literal["deploy"] = "deploy"
+    manifest: dict[str, Any] = Field(description="The bundle's manifest.json, as an object")
+    signature: str | None = Field(
+        default=None, description="manifest.sig, base64; required when the device demands it"
+    )
+    artifact: Artifact
+    pipeline: Name | None = Field(
+        default=None, description="Pipeline to serve it on; default: the pipelines using the model"
+    )
+
+
+class RollbackCommand(_CommandBase):
+    op: Literal["rollback"] = "rollback"
+    model: Name
+    to_version: Name | None = Field(default=None, description="Default: the previous version")
+
+
+class StatusCommand(_CommandBase):
+    op: Literal["status"] = "status"
+
+
+class PingCommand(_CommandBase):
+    op: Literal["ping"] = "ping"
+
+
+class ConfigCommand(_CommandBase):
+    op: Literal["config"] = "config"
+    changes: dict[str, Any] = Field(
+        min_length=1,
+        description="Dotted config paths to new values, e.g. {'telemetry.interval_s': 5}",
+    )
+
+
+class RestartCommand(_CommandBase):
+    op: Literal["restart"] = "restart"
+    pipeline: Name | None = Field(default=None, description="Default: every pipeline")
+
+
+Command: TypeAlias = Annotated[
+    DeployCommand | RollbackCommand | StatusCommand | PingCommand | ConfigCommand | RestartCommand,
+    Field(discriminator="op"),
+]
+COMMAND_OPS = ("deploy", "rollback", "status", "ping", "config", "restart")
+_command_adapter: TypeAdapter[Command] = TypeAdapter(Command)
+
+
+# Replies, state, telemetry, results -------------------------------------------------
+
+
+class Reply(Message):
+    id: str = Field(description="The command's id; empty when the command had none readable")
+    device: DeviceId
+    status: Literal["accepted", "progress", "done", "failed"]
+    code: ReplyCode
+    message: str = ""
+    ts: float
+    stage: str | None = Field(
+        default=None, description="During progress: downloading, validating, probation, ..."
+    )
+    percent: Annotated[float, Field(ge=0, le=100)] | None = None
+    data: dict[str, Any] | None = Field(default=None, description="Result of status, ping, ...")
+
+
+class RuntimeInfo(Message):
+    name: str = Field(description="ai_edge_litert, tflite_runtime or tensorflow")
+    version: str
+
+
+class ModelState(Message):
+    name: Name
+    active: str | None = None
+    last_known_good: str | None = None
+    status: Literal["serving", "probation", "degraded", "absent"] = "absent"
+    versions: list[str] = Field(default_factory=list, description="Versions kept on the device")
+    message: str | None = None
+
+
+class PipelineState(Message):
+    name: Name
+    model: str | None = None
+    status: Literal["running", "degraded", "stopped"] = "stopped"
+    message: str | None = None
+
+
+class State(Message):
+    protocol: int = PROTOCOL_VERSION
+    device: DeviceId
+    online: bool
+    agent_version: str
+    runtime: RuntimeInfo | None = None
+    models: list[ModelState] = Field(default_factory=list)
+    pipelines: list[PipelineState] = Field(default_factory=list)
+    groups: list[GroupId] = Field(default_factory=list)
+    since: float = Field(description="Unix time the agent started")
+    ts: float
+
+
+class PipelineTelemetry(Message):
+    model: str | None = None
+    version: str | None = None
+    fps: float = 0.0
+    invoke_ms_p50: float | None = None
+    invoke_ms_p95: float | None = None
+    frames_in: int = 0
+    results_out: int = 0
+    dropped: int = 0
+    source_state: str = "unknown"
+
+
+class Telemetry(Message):
+    device: DeviceId
+    seq: Annotated[int, Field(ge=0)]
+    ts: float
+    uptime_s: float
+    cpu_percent: float | None = None
+    mem_rss_mb: float | None = None
+    temperature_c: float | None = None
+    disk_free_mb: float | None = None
+    outbox_depth: int = 0
+    pipelines: dict[str, PipelineTelemetry] = Field(default_factory=dict)
+
+
+class ClassScore(Message):
+    index: int
+    label: str | None = None
+    score: float
+
+
+class Detection(Message):
+    index: int
+    label: str | None = None
+    score: float
+    box: tuple[float, float, float, float] = Field(description="x0, y0, x1, y1 in source pixels")
+
+
+class Result(Message):
+    device: DeviceId
+    pipeline: Name
+    seq: Annotated[int, Field(ge=0)]
+    ts: float
+    frame: int = Field(description="Frame number from the source")
+    model: str
+    version: str
+    latency_ms: float = Field(description="Pre-process + invoke + post-process")
+    classes: list[ClassScore] | None = None
+    detections: list[Detection] | None = None
+    raw: list[list[float]] | None = None
+
+
+class Chunk(Message):
+    transfer_id: CommandId
+    index: Annotated[int, Field(ge=0)]
+    total: Annotated[int, Field(gt=0)]
+    data: str = Field(description="base64 bytes of this chunk")
+
+
+# ------------------------------------------------------------------ encode / decode
+
+
+def format_validation_error(err: ValidationError, data: object = None) -> str:
+    """One ``path: problem`` clause per error, joined with ``; ``."""
+    return "; ".join(f"{loc}: {msg}" for loc, msg in validation_problems(err, data))
+
+
+def validation_problems(err: ValidationError, data: object = None) -> list[tuple[str, str]]:
+    """(key path, message) for each error, with union tags dropped from the path.
+
+    Pydantic puts the discriminator's value into ``loc`` (``source.camera.fps``);
+    users wrote ``source.fps``, so a step that is not a key of the input is dropped.
+    """
+    problems = []
+    for e in err.errors():
+        path: list[str] = []
+        node: object = data
+        for step in e["loc"]:
+            if isinstance(node, Mapping) and isinstance(step, str) and step not in node:
+                if node.get("type") == step or node.get("op") == step or node.get("kind") == step:
+                    continue
+            path.append(str(step))
+            if isinstance(node, Mapping):
+                node = node.get(step)
+            elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+                node = node[step]
+            else:
+                node = None
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key missing"
+        problems.append((".".join(path) or "(root)", msg))
+    return problems
+
+
+def decode_command(payload: bytes) -> Command:
+    """Parse a command payload, or raise ``ProtocolError`` with the reason's code."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise ProtocolError(
+            ReplyCode.TOO_LARGE,
+            f"command of {len(payload)} bytes exceeds the {MAX_COMMAND_BYTES}-byte limit",
+        )
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(ReplyCode.BAD_JSON, f"command is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ReplyCode.SCHEMA, "command must be a JSON object")
+    op = data.get("op")
+    if op not in COMMAND_OPS:
+        raise ProtocolError(
+            ReplyCode.UNKNOWN_OP,
+            f"unknown op {op!r}; expected one of {', '.join(COMMAND_OPS)}",
+        )
+    try:
+        return _command_adapter.validate_python(data)
+    except ValidationError as err:
+        raise ProtocolError(ReplyCode.SCHEMA, format_validation_error(err, data)) from None
+
+
+def command_id_of(payload: bytes) -> str:
+    """Best-effort id of a payload that failed to parse, so its failure can be answered."""
+    try:
+        data = json.loads(payload[:MAX_COMMAND_BYTES])
+        value = data.get("id") if isinstance(data, dict) else None
+        return value if isinstance(value, str) and _ID_RE.match(value or "") else ""
+    except (ValueError, UnicodeDecodeError):
+        return ""
+
+
+def encode(message: Message) -> bytes:
+    return message.to_bytes()
+
+
+_MESSAGES: dict[str, type[Message]] = {
+    "Reply": Reply,
+    "State": State,
+    "Telemetry": Telemetry,
+    "Result": Result,
+    "Chunk": Chunk,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every message, keyed by message name."""
+    schemas: dict[str, dict[str, Any]] = {"Command": _command_adapter.json_schema()}
+    for name, model in _MESSAGES.items():
+        schemas[name] = model.model_json_schema()
+    return schemas
