@@ -1,0 +1,1 @@
+"""Model lifecycle: runtimes, bundle manifests, the on-device store, validation."""

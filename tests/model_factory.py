@@ -1,0 +1,53 @@
+"""Tiny real TFLite models for tests that need a model but not the converter's bundle.
+
+TensorFlow is imported lazily, and after the TFLite runtimes (see conftest), since
+importing it first breaks every tflite_runtime Interpreter in the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+
+def build_tiny_classifier(
+    dest: Path,
+    *,
+    input_shape: tuple[int, ...] = (8, 8, 1),
+    classes: int = 10,
+    int8: bool = True,
+    seed: int = 0,
+) -> Path:
+    """A conv + dense classifier as a .tflite file (full-integer int8 unless ``int8=False``)."""
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(seed)
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input(input_shape),
+            tf.keras.layers.Conv2D(4, 3, activation="relu"),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(classes),
+        ]
+    )
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if int8:
+        rng = np.random.default_rng(seed)
+
+        def representative():  # type: ignore[no-untyped-def]
+            for _ in range(16):
+                yield [rng.random((1, *input_shape), dtype=np.float32)]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    with contextlib.redirect_stdout(io.StringIO()):
+        data = converter.convert()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data)
+    return dest

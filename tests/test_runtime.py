@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.models import runtime as rt
+
+INSTALLED = [r.name for r in rt.available_runtimes()]
+DEVICE_RUNTIMES = [n for n in ("ai_edge_litert", "tflite_runtime") if n in INSTALLED]
+
+
+def test_both_device_runtimes_are_installed_for_the_tests() -> None:
+    # The lifecycle is tested on both; a missing one would silently shrink coverage.
+    assert DEVICE_RUNTIMES == ["ai_edge_litert", "tflite_runtime"]
+
+
+def test_auto_picks_the_fastest_installed() -> None:
+    assert rt.select_runtime("auto").name == INSTALLED[0] == "ai_edge_litert"
+
+
+def test_unknown_runtime_is_named() -> None:
+    with pytest.raises(rt.RuntimeUnavailable, match="unknown runtime 'onnx'"):
+        rt.select_runtime("onnx")
+
+
+@pytest.mark.parametrize("name", DEVICE_RUNTIMES)
+def test_loads_and_invokes_an_int8_model(name: str, tiny_int8_model: Path) -> None:
+    loaded = rt.load_model(tiny_int8_model, runtime=name, num_threads=1)
+    assert loaded.runtime.name == name
+    assert loaded.runtime.version[0].isdigit()
+    (inp,) = loaded.inputs
+    (out,) = loaded.outputs
+    assert (inp.shape, inp.dtype, out.shape, out.dtype) == ((1, 8, 8, 1), "int8", (1, 10), "int8")
+    assert inp.quantized and out.quantized
+    loaded.interpreter.set_tensor(inp.index, np.zeros(inp.shape, np.int8))
+    loaded.interpreter.invoke()
+    assert loaded.interpreter.get_tensor(out.index).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name", DEVICE_RUNTIMES)
+def test_runtimes_agree_on_the_same_model(name: str, tiny_int8_model: Path) -> None:
+    x = np.random.default_rng(1).integers(-128, 127, (1, 8, 8, 1), dtype=np.int8)
+    outputs = []
+    for runtime in ("ai_edge_litert", name):
+        m = rt.load_model(tiny_int8_model.read_bytes(), runtime=runtime)
+        m.interpreter.set_tensor(m.inputs[0].index, x)
+        m.interpreter.invoke()
+        outputs.append(m.interpreter.get_tensor(m.outputs[0].index).astype(int))
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1
+
+
+@pytest.mark.parametrize("name", DEVICE_RUNTIMES)
+def test_garbage_file_is_a_model_load_error(name: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"this is not a flatbuffer" * 10)
+    with pytest.raises(rt.ModelLoadError, match=f"{name} cannot load the model"):
+        rt.load_model(bad, runtime=name)
+
+
+def test_missing_edgetpu_library_is_named(tiny_int8_model: Path) -> None:
+    with pytest.raises(rt.DelegateUnavailable, match="libedgetpu.so.1"):
+        rt.load_model(tiny_int8_model, delegate="edgetpu")
+
+
+def test_missing_external_delegate_is_named(tiny_int8_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(rt.DelegateUnavailable, match="nope.so"):
+        rt.load_model(tiny_int8_model, delegate="external", delegate_path=tmp_path / "nope.so")
