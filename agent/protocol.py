@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -50,13 +50,22 @@ RESERVED_DEVICE_IDS = frozenset({"group", "transfer"})
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class ProtocolError(ValueError):
-    """A payload or identifier that does not follow the protocol."""
+class CommandFailed(Exception):
+    """Raised by whatever executes a command; becomes a ``failed`` reply with this code."""
 
-    def __init__(self, code: ReplyCode, message: str) -> None:
+    def __init__(self, code: ReplyCode, message: str, data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.data = data
+
+
+class ProtocolError(CommandFailed, ValueError):
+    """A payload or identifier that does not follow the protocol."""
+
+
+# Reports progress of a long command: (stage, percent or None), e.g. ("downloading", 42.0).
+Progress: TypeAlias = Callable[[str, float | None], None]
 
 
 def _check_id(value: str, what: str, max_len: int = MAX_ID_LENGTH) -> str:
