@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from converter.tfimport import import_tensorflow, quiet_fds
 Quantization = Literal["int8", "int8-float-io", "float16", "dynamic"]
 QUANTIZATIONS: tuple[Quantization, ...] = ("int8", "int8-float-io", "float16", "dynamic")
 KERAS_SUFFIXES = (".keras", ".h5")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 _OP_PATTERNS = (
     re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op"),
@@ -73,6 +75,15 @@ def check_model_path(path: Path) -> None:
         raise ConverterError(
             f"{path}: not a model (expected a .keras or .h5 file or a SavedModel directory)"
         )
+    elif path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise ConverterError(f"{path}: not a Keras model (a .keras file is a zip archive)")
+    elif path.suffix == ".h5" and _head(path) != HDF5_SIGNATURE:
+        raise ConverterError(f"{path}: not a Keras model (not an HDF5 file)")
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(len(HDF5_SIGNATURE))
 
 
 def load_source_model(path: Path) -> SourceModel:

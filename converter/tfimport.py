@@ -7,9 +7,11 @@ order makes every ``tflite_runtime`` Interpreter fail.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -47,8 +49,8 @@ def quiet_fds() -> Iterator[Captured]:
     """Send fds 1 and 2 to a temp file while TensorFlow works.
 
     The MLIR converter and TensorFlow's C++ logging write straight to the file
-    descriptors (hundreds of lines on a failed conversion), and Keras prints to
-    stdout, which would corrupt ``--json`` output. The text is kept so that an
+    descriptors (hundreds of lines on a failed conversion), and Keras and TensorFlow print to
+    stdout and stderr, which would corrupt ``--json`` output. The text is kept so that an
     error can be mined for the ops it names.
     """
     captured = Captured()
@@ -59,8 +61,17 @@ def quiet_fds() -> Iterator[Captured]:
         try:
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
-            with contextlib.redirect_stdout(sys.stderr):
-                yield captured
+            python_output = io.StringIO()
+            with (
+                contextlib.redirect_stdout(python_output),
+                contextlib.redirect_stderr(python_output),
+                warnings.catch_warnings(),
+            ):
+                warnings.simplefilter("ignore")
+                try:
+                    yield captured
+                finally:
+                    captured.text = python_output.getvalue()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -69,4 +80,4 @@ def quiet_fds() -> Iterator[Captured]:
             for fd in saved:
                 os.close(fd)
             sink.seek(0)
-            captured.text = sink.read().decode("utf-8", "replace")
+            captured.text += sink.read().decode("utf-8", "replace")
