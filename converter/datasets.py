@@ -81,8 +81,7 @@ def _fit_shape(path: Path, x: np.ndarray, input_shape: tuple[int, ...]) -> np.nd
     if int(np.prod(x.shape[1:])) == int(np.prod(sample)) and x.ndim >= 2:
         return x.reshape((x.shape[0], *sample))
     raise ConverterError(
-        f"{path}: samples have shape {list(x.shape[1:])} but the model input is "
-        f"{list(input_shape)}"
+        f"{path}: samples have shape {list(x.shape[1:])} but the model input is {list(input_shape)}"
     )
 
 
@@ -179,9 +178,7 @@ def _load_image_folder(
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _read_image(path: Path, input_shape: tuple[int, ...], preprocess: Preprocess) -> np.ndarray:
@@ -189,8 +186,8 @@ def _read_image(path: Path, input_shape: tuple[int, ...], preprocess: Preprocess
 
     _, height, width, channels = input_shape
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if preprocess.color == "gray" else "RGB")
+        with Image.open(path) as opened:
+            img = opened.convert("L" if preprocess.color == "gray" else "RGB")
             img = img.resize((width, height), Image.Resampling.BILINEAR)
             pixels = np.asarray(img, dtype=np.float32)
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -120,7 +120,9 @@ def read_flatbuffer(data: bytes) -> ModelFlatbuffer:
                     Operator(
                         name=codes[op.OpcodeIndex()],
                         input_types=tuple(types[i] for i in _indices(op.InputsAsNumpy()) if i >= 0),
-                        output_types=tuple(types[i] for i in _indices(op.OutputsAsNumpy()) if i >= 0),
+                        output_types=tuple(
+                            types[i] for i in _indices(op.OutputsAsNumpy()) if i >= 0
+                        ),
                     )
                 )
         description = model.Description() or b""

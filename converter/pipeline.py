@@ -73,12 +73,13 @@ def run_convert(opts: ConvertOptions) -> dict[str, Any]:
         calib = load_dataset(opts.calib, source.input_shape, opts.preprocess).subset(opts.samples)
         calib_x = calib.x
         calibration = Calibration(samples=len(calib), sha256=calib.sha256())
-    validation = (
-        load_dataset(opts.val, source.input_shape, opts.preprocess) if opts.val else None
-    )
+    validation = load_dataset(opts.val, source.input_shape, opts.preprocess) if opts.val else None
 
-    with ProgressBar.for_terminal("calibrate", len(calib_x) if calib_x is not None else 1,
-                                  opts.progress and calib_x is not None) as bar:
+    with ProgressBar.for_terminal(
+        "calibrate",
+        len(calib_x) if calib_x is not None else 1,
+        opts.progress and calib_x is not None,
+    ) as bar:
         model = convert(source, opts.quantization, calib_x, bar)
     float_model = convert(source, None)
 

@@ -61,10 +61,22 @@ def converted(
 ) -> tuple[Path, dict[str, Any]]:
     bundle = tmp_path_factory.mktemp("converted") / "digits-bundle"
     proc = edge_convert(
-        "convert", digits.model, "-o", bundle,
-        "--calib", digits.calib, "--val", digits.val, "--labels", digits.labels,
-        "--std", "16", "--sign-key", keys / "signing.key", "--json",
-    )  # fmt: skip
+        "convert",
+        digits.model,
+        "-o",
+        bundle,
+        "--calib",
+        digits.calib,
+        "--val",
+        digits.val,
+        "--labels",
+        digits.labels,
+        "--std",
+        "16",
+        "--sign-key",
+        keys / "signing.key",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     return bundle, json.loads(proc.stdout)
 

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.models.manifest import Preprocess, generate_keypair, read_bundle, verify_bundle
-from agent.models.manifest import load_public_key
+from agent.models.manifest import (
+    Preprocess,
+    generate_keypair,
+    load_public_key,
+    read_bundle,
+    verify_bundle,
+)
 from converter.cli import main
 from converter.datasets import load_dataset
 from converter.errors import ConverterError
@@ -32,8 +37,19 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str
 
 
 def convert_args(digits: ExampleFiles, out: Path, *extra: object) -> list[object]:
-    return ["convert", digits.model, "-o", out, "--calib", digits.calib, "--samples", "50",
-            "--std", "16", *extra]  # fmt: skip
+    return [
+        "convert",
+        digits.model,
+        "-o",
+        out,
+        "--calib",
+        digits.calib,
+        "--samples",
+        "50",
+        "--std",
+        "16",
+        *extra,
+    ]
 
 
 def test_accuracy_gate_fails_with_exit_3_and_publishes_nothing(
@@ -57,8 +73,8 @@ def test_gate_failure_leaves_an_existing_bundle_untouched(
     out = build_digits_bundle(tmp_path / "bundle", version="1")
     before = (out / "manifest.json").read_bytes()
     code, _, _ = run_cli(
-        capsys, *convert_args(digits, out, "--val", digits.val, "--version", "2",
-                              "--max-drop", "-0.5")  # fmt: skip
+        capsys,
+        *convert_args(digits, out, "--val", digits.val, "--version", "2", "--max-drop", "-0.5"),
     )
     assert code == 3
     assert (out / "manifest.json").read_bytes() == before
@@ -126,9 +142,21 @@ def test_saved_model_converts_to_int8(tmp_path: Path, capsys: pytest.CaptureFixt
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).random((16, 8), np.float32))
     np.savez(tmp_path / "val.npz", x=np.random.default_rng(1).random((16, 8), np.float32))
     code, out, err = run_cli(
-        capsys, "convert", model, "-o", tmp_path / "b", "--calib", tmp_path / "calib.npy",
-        "--val", tmp_path / "val.npz", "--task", "raw", "--name", "dense", "--json",
-    )  # fmt: skip
+        capsys,
+        "convert",
+        model,
+        "-o",
+        tmp_path / "b",
+        "--calib",
+        tmp_path / "calib.npy",
+        "--val",
+        tmp_path / "val.npz",
+        "--task",
+        "raw",
+        "--name",
+        "dense",
+        "--json",
+    )
     assert code == 0, err
     result = json.loads(out)
     assert (result["input_dtype"], result["output_dtype"]) == ("int8", "int8")
@@ -141,9 +169,16 @@ def test_unquantisable_ops_are_named(tmp_path: Path, capsys: pytest.CaptureFixtu
     model = _saved_model(tmp_path / "odd", odd_ops=True)
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).random((8, 8), np.float32))
     code, _, err = run_cli(
-        capsys, "convert", model, "-o", tmp_path / "b",
-        "--calib", tmp_path / "calib.npy", "--task", "raw",
-    )  # fmt: skip
+        capsys,
+        "convert",
+        model,
+        "-o",
+        tmp_path / "b",
+        "--calib",
+        tmp_path / "calib.npy",
+        "--task",
+        "raw",
+    )
     assert code == 2
     assert err == [
         "edge-convert convert: error: model has ops that cannot be quantised to int8: CUMSUM, SIN"
