@@ -227,6 +227,9 @@ def test_bundle_sign_verify_and_inspect_an_existing_tflite(
     assert info["op_histogram"]["FULLY_CONNECTED"] == 1
     assert info["size_bytes"] == tiny_int8_model.stat().st_size
     assert info["float_ops"] == []
+    proc = edge_convert("inspect", bundle)
+    assert proc.returncode == 0, proc.stderr
+    assert "bundle: zoo 1 (classify, int8, signed)" in proc.stdout
 
 
 def test_bundle_of_a_float_model_says_so(tiny_float_model: Path, tmp_path: Path) -> None:

@@ -310,3 +310,20 @@ def test_mean_and_std_must_fit_the_channels(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.zeros((2, 4, 4, 3), np.float32))
     with pytest.raises(ConverterError, match="need 1 or 3 values"):
         load_dataset(tmp_path / "x.npy", (1, 4, 4, 3), Preprocess(mean=[0.0, 1.0]))
+
+
+def test_progress_bar_draws_to_its_stream_and_is_silent_off_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import io
+
+    from converter.progress import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar("calibrate", 4, stream)
+    for _ in range(4):
+        bar.advance()
+    assert stream.getvalue().endswith("calibrate    [" + "#" * 30 + "] 4/4")
+    with ProgressBar.for_terminal("validate", 3) as silent:  # pytest's stderr is no terminal
+        silent.advance(3)
+    assert capsys.readouterr() == ("", "")
