@@ -1,0 +1,137 @@
+"""``edge-convert convert``: check inputs, convert, validate, gate, then publish.
+
+Everything that can be checked before TensorFlow loads is checked first, and
+nothing is written to the bundle directory until the gate has passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.models.manifest import Calibration, Preprocess
+from converter.bundle import (
+    BundleSpec,
+    Task,
+    build_manifest,
+    check_destination,
+    check_labels,
+    check_name,
+    load_signing_key,
+    publish,
+    read_labels,
+)
+from converter.convert import Quantization, check_model_path, convert, load_source_model
+from converter.datasets import load_dataset
+from converter.errors import ConverterError
+from converter.evaluate import Evaluation, compare, run_tflite
+from converter.progress import ProgressBar
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    model: Path
+    out: Path
+    calib: Path | None
+    val: Path | None = None
+    samples: int = 300
+    quantization: Quantization = "int8"
+    task: Task = "classify"
+    labels: Path | None = None
+    name: str | None = None
+    version: str = "1"
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    max_drop: float = 0.01
+    sign_key: Path | None = None
+    progress: bool = True
+
+
+def run_convert(opts: ConvertOptions) -> dict[str, Any]:
+    """Convert and publish; returns the summary that ``--json`` prints."""
+    check_model_path(opts.model)
+    check_destination(opts.out)
+    name = check_name(opts.name or opts.model.stem, "name")
+    version = check_name(opts.version, "version")
+    if opts.samples < 1:
+        raise ConverterError("--samples must be at least 1")
+    needs_calib = opts.quantization in ("int8", "int8-float-io")
+    if needs_calib and opts.calib is None:
+        raise ConverterError(f"--quant {opts.quantization} needs calibration data (--calib)")
+    for data in (opts.calib, opts.val):
+        if data is not None and not data.exists():
+            raise ConverterError(f"{data}: not found")
+    labels = read_labels(opts.labels) if opts.labels else None
+    key = load_signing_key(opts.sign_key)
+
+    source = load_source_model(opts.model)
+    if source.output_shapes:
+        check_labels(labels, source.output_shapes[0], opts.task)
+    calibration = None
+    calib_x = None
+    if opts.calib is not None and needs_calib:
+        calib = load_dataset(opts.calib, source.input_shape, opts.preprocess).subset(opts.samples)
+        calib_x = calib.x
+        calibration = Calibration(samples=len(calib), sha256=calib.sha256())
+    validation = load_dataset(opts.val, source.input_shape, opts.preprocess) if opts.val else None
+
+    with ProgressBar.for_terminal(
+        "calibrate",
+        len(calib_x) if calib_x is not None else 1,
+        opts.progress and calib_x is not None,
+    ) as bar:
+        model = convert(source, opts.quantization, calib_x, bar)
+    float_model = convert(source, None)
+
+    evaluation: Evaluation | None = None
+    if validation is not None:
+        with ProgressBar.for_terminal("validate", len(validation), opts.progress) as bar:
+            tflite_out = run_tflite(model, validation.x, bar)
+        float_out = source.predict(validation.x)
+        evaluation = compare(float_out, tflite_out, validation.y, opts.task == "classify")
+        evaluation.check_gate(opts.max_drop)
+
+    spec = BundleSpec(name, version, opts.task, labels, opts.preprocess)
+    manifest = build_manifest(
+        model,
+        spec,
+        opts.quantization,
+        metrics=evaluation.to_metrics() if evaluation else None,
+        calibration=calibration,
+    )
+    bundle = publish(opts.out, model, manifest, key)
+    return summary(bundle, manifest, len(float_model), evaluation, signed=key is not None)
+
+
+def summary(
+    bundle: Path,
+    manifest: dict[str, Any],
+    float_model_bytes: int,
+    evaluation: Evaluation | None,
+    *,
+    signed: bool,
+) -> dict[str, Any]:
+    size = int(manifest["model"]["size"])
+    metrics = manifest.get("metrics") or {}
+    calibration = manifest.get("calibration") or {}
+    return {
+        "bundle": str(bundle),
+        "name": manifest["name"],
+        "version": manifest["version"],
+        "quantization": manifest["quantization"],
+        "model_bytes": size,
+        "float_model_bytes": float_model_bytes,
+        "size_ratio": round(size / float_model_bytes, 4),
+        "float_accuracy": metrics.get("float_accuracy"),
+        "int8_accuracy": metrics.get("int8_accuracy"),
+        "accuracy_drop": metrics.get("accuracy_drop"),
+        "top1_agreement": metrics.get("top1_agreement"),
+        "sqnr_db": metrics.get("sqnr_db", []),
+        "validation_samples": metrics.get("samples", 0),
+        "calibration_samples": calibration.get("samples", 0),
+        "input_dtype": manifest["inputs"][0]["dtype"],
+        "output_dtype": manifest["outputs"][0]["dtype"],
+        "sha256": manifest["model"]["sha256"],
+        "signed": signed,
+        "gate_applied": evaluation is not None and evaluation.accuracy_drop is not None,
+    }
