@@ -20,6 +20,12 @@ def test_auto_picks_the_fastest_installed() -> None:
     assert rt.select_runtime("auto").name == INSTALLED[0] == "ai_edge_litert"
 
 
+def test_tensorflow_lite_runtime_loads_too(tiny_int8_model: Path) -> None:
+    # The workstation fallback: conftest imported the device runtimes first.
+    loaded = rt.load_model(tiny_int8_model, runtime="tensorflow")
+    assert loaded.runtime.name == "tensorflow" and loaded.outputs[0].shape == (1, 10)
+
+
 def test_unknown_runtime_is_named() -> None:
     with pytest.raises(rt.RuntimeUnavailable, match="unknown runtime 'onnx'"):
         rt.select_runtime("onnx")

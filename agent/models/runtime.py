@@ -25,10 +25,12 @@ RuntimeName = Literal["ai_edge_litert", "tflite_runtime", "tensorflow"]
 RUNTIMES: tuple[RuntimeName, ...] = ("ai_edge_litert", "tflite_runtime", "tensorflow")
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 
+# (module with Interpreter, attribute path inside it, module with __version__)
 _MODULES = {
-    "ai_edge_litert": ("ai_edge_litert.interpreter", "ai_edge_litert"),
-    "tflite_runtime": ("tflite_runtime.interpreter", "tflite_runtime"),
-    "tensorflow": ("tensorflow.lite", "tensorflow"),
+    "ai_edge_litert": ("ai_edge_litert.interpreter", "", "ai_edge_litert"),
+    "tflite_runtime": ("tflite_runtime.interpreter", "", "tflite_runtime"),
+    # `import tensorflow.lite` gives the package, not the tf.lite API with Interpreter.
+    "tensorflow": ("tensorflow", "lite", "tensorflow"),
 }
 
 
@@ -100,11 +102,13 @@ class LoadedModel:
 
 
 def import_runtime(name: RuntimeName) -> Runtime:
-    interp_module, top = _MODULES[name]
+    interp_module, attribute, top = _MODULES[name]
     try:
         module = importlib.import_module(interp_module)
+        if attribute:
+            module = getattr(module, attribute)
         version = str(getattr(importlib.import_module(top), "__version__", "unknown"))
-    except ImportError as exc:
+    except (ImportError, AttributeError) as exc:
         raise RuntimeUnavailable(f"runtime {name} is not installed ({exc})") from None
     return Runtime(name=name, version=version, module=module)
 
