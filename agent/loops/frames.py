@@ -11,19 +11,27 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One input: an image (H x W x C uint8, BGR as OpenCV gives it) or a sensor window."""
+    """One unit of work: ``seq`` numbers the frames of one source, ``ts`` is the Unix
+    time of capture. ``data`` is an image (H x W x C uint8, BGR as OpenCV gives it), a
+    sensor window, or whatever the worker's prepare hook understands."""
 
     seq: int
     ts: float
-    data: np.ndarray
+    data: Any
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+class FrameInput(Protocol):
+    def get(self, timeout: float) -> Frame | None:
+        """The next frame, or None when none arrived within ``timeout`` seconds."""
+        ...
 
 
 class LatestFrameSlot:
@@ -35,13 +43,14 @@ class LatestFrameSlot:
         self.dropped = 0
         self.put_count = 0
 
-    def put(self, frame: Frame, stop: threading.Event | None = None) -> None:
+    def put(self, frame: Frame, stop: threading.Event | None = None) -> bool:
         with self._cond:
             if self._frame is not None:
                 self.dropped += 1
             self._frame = frame
             self.put_count += 1
             self._cond.notify()
+        return True
 
     def get(self, timeout: float) -> Frame | None:
         with self._cond:
@@ -55,29 +64,35 @@ class LatestFrameSlot:
 
 
 class FrameQueue:
-    """A bounded FIFO; ``put`` waits for room (checking ``stop``) rather than dropping."""
+    """A bounded FIFO. ``put`` with a ``stop`` event waits for room (checking ``stop``)
+    rather than dropping; without one it refuses (returns False) when full."""
 
     def __init__(self, maxsize: int = 64) -> None:
         self._queue: queue.Queue[Frame] = queue.Queue(maxsize)
         self.dropped = 0
         self.put_count = 0
 
-    def put(self, frame: Frame, stop: threading.Event | None = None) -> None:
+    def put(self, frame: Frame, stop: threading.Event | None = None) -> bool:
         while True:
             try:
-                self._queue.put(frame, timeout=0.1)
+                self._queue.put(
+                    frame, timeout=0.1 if stop is not None else None, block=stop is not None
+                )
                 self.put_count += 1
-                return
+                return True
             except queue.Full:
-                if stop is not None and stop.is_set():
+                if stop is None or stop.is_set():
                     self.dropped += 1
-                    return
+                    return False
 
     def get(self, timeout: float) -> Frame | None:
         try:
             return self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
 
     def __len__(self) -> int:
         return self._queue.qsize()

@@ -97,7 +97,7 @@ def create_source(config: SourceConfig) -> Source:
 
 
 class FrameSink(Protocol):
-    def put(self, frame: Frame, stop: threading.Event | None = None) -> None: ...
+    def put(self, frame: Frame, stop: threading.Event | None = None) -> bool: ...
 
 
 class CaptureThread:
