@@ -13,8 +13,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
 
 @dataclass(frozen=True, slots=True)
 class Frame:
