@@ -1,0 +1,1 @@
+"""Inference loops: sources, pre- and post-processing, the worker, pipelines."""

@@ -1,0 +1,183 @@
+"""Frames to input tensors, as the bundle's manifest and the interpreter's input say.
+
+Images: resize (stretch or letterbox), colour order, then mean/std normalisation
+and quantisation folded into one step: for uint8 frames a per-channel 256-entry
+lookup table maps pixel values straight to the model's int8/uint8 codes, so the
+per-frame work is a resize and one table lookup. Sensor windows: normalise,
+quantise, reshape. Everything is vectorised; OpenCV is used when installed, with a
+numpy fallback so the agent runs without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from agent.models.manifest import Preprocess
+from agent.models.runtime import TensorInfo
+
+cv2: Any
+try:  # optional: the camera extra
+    import cv2
+except ImportError:  # pragma: no cover - exercised on devices without OpenCV
+    cv2 = None
+
+_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+
+
+class PreprocessError(ValueError):
+    """A frame that cannot be turned into this model's input."""
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How source pixels map to model pixels, for putting boxes back on the source."""
+
+    scale_x: float
+    scale_y: float
+    pad_x: float
+    pad_y: float
+    source_w: int
+    source_h: int
+
+    def to_source(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model pixel coordinates to source pixel coordinates."""
+        sx = np.clip((x - self.pad_x) / self.scale_x, 0, self.source_w)
+        sy = np.clip((y - self.pad_y) / self.scale_y, 0, self.source_h)
+        return sx, sy
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return image
+    if cv2 is not None:
+        interp = cv2.INTER_AREA if width < w and height < h else cv2.INTER_LINEAR
+        out = cv2.resize(image, (width, height), interpolation=interp)
+        return out if out.ndim == image.ndim else out[..., None]
+    # Without OpenCV: nearest neighbour by index arrays (no per-pixel Python).
+    ys = (np.arange(height) * h // height).clip(0, h - 1)
+    xs = (np.arange(width) * w // width).clip(0, w - 1)
+    return image[ys][:, xs]
+
+
+class ImagePreprocessor:
+    """Image frames (H x W x C uint8, BGR) to one model input tensor."""
+
+    def __init__(
+        self,
+        tensor: TensorInfo,
+        spec: Preprocess,
+        resize: Literal["stretch", "letterbox"] = "stretch",
+    ) -> None:
+        if len(tensor.shape) != 4:
+            raise PreprocessError(f"image model input must be 4-D, got shape {tensor.shape}")
+        self.tensor = tensor
+        self.spec = spec
+        self.resize = resize
+        if spec.layout == "NCHW":
+            _, self.channels, self.height, self.width = tensor.shape
+        else:
+            _, self.height, self.width, self.channels = tensor.shape
+        if self.channels not in (1, 3):
+            raise PreprocessError(f"image model input needs 1 or 3 channels, not {self.channels}")
+        if spec.color == "gray" and self.channels != 1:
+            raise PreprocessError("manifest says gray but the model input has 3 channels")
+        self.dtype = np.dtype(tensor.dtype)
+        self._lut = self._build_lut()
+        self._out = np.empty(tensor.shape, self.dtype)
+
+    def _build_lut(self) -> np.ndarray:
+        """(channels, 256) table: pixel value -> normalised, quantised input value."""
+        mean = np.broadcast_to(np.asarray(self.spec.mean, np.float64), (self.channels,))
+        std = np.broadcast_to(np.asarray(self.spec.std, np.float64), (self.channels,))
+        values = (np.arange(256, dtype=np.float64)[None, :] - mean[:, None]) / std[:, None]
+        if self.tensor.quantized and self.dtype.name in _RANGES:
+            lo, hi = _RANGES[self.dtype.name]
+            codes = np.round(values / self.tensor.scale + self.tensor.zero_point)
+            return np.clip(codes, lo, hi).astype(self.dtype)
+        return values.astype(self.dtype)
+
+    def _color(self, image: np.ndarray) -> np.ndarray:
+        if image.ndim == 2:
+            image = image[..., None]
+        have = image.shape[2]
+        if self.channels == 1:
+            if have == 1:
+                return image
+            # BGR -> luma with integer weights (ITU-R BT.601), no float image needed.
+            bgr = image.astype(np.uint16)
+            gray = (29 * bgr[..., 0] + 150 * bgr[..., 1] + 77 * bgr[..., 2]) >> 8
+            return gray.astype(np.uint8)[..., None]
+        if have == 1:
+            return np.repeat(image, 3, axis=2)
+        if have == 4:
+            image = image[..., :3]
+        return image[..., ::-1] if self.spec.color == "rgb" else image
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, Transform]:
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise PreprocessError(
+                f"expected an 8-bit image (H x W [x C]), got {image.dtype} {image.shape}"
+            )
+        src_h, src_w = image.shape[:2]
+        image = self._color(image)
+        if self.resize == "letterbox":
+            scale = min(self.width / src_w, self.height / src_h)
+            new_w, new_h = max(1, round(src_w * scale)), max(1, round(src_h * scale))
+            pad_x, pad_y = (self.width - new_w) // 2, (self.height - new_h) // 2
+            canvas = np.zeros((self.height, self.width, self.channels), np.uint8)
+            resized = _resize(image, new_w, new_h)
+            canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized.reshape(
+                new_h, new_w, self.channels
+            )
+            image = canvas
+            transform = Transform(scale, scale, pad_x, pad_y, src_w, src_h)
+        else:
+            image = _resize(image, self.width, self.height).reshape(
+                self.height, self.width, self.channels
+            )
+            transform = Transform(self.width / src_w, self.height / src_h, 0, 0, src_w, src_h)
+        if self.channels == 1:
+            mapped = self._lut[0][image]
+        else:
+            mapped = np.stack([self._lut[c][image[..., c]] for c in range(3)], axis=-1)
+        if self.spec.layout == "NCHW":
+            mapped = mapped.transpose(2, 0, 1)
+        self._out[0] = mapped
+        return self._out, transform
+
+
+class WindowPreprocessor:
+    """Sensor windows (samples x channels, float) to one model input tensor."""
+
+    def __init__(self, tensor: TensorInfo, spec: Preprocess) -> None:
+        self.tensor = tensor
+        self.dtype = np.dtype(tensor.dtype)
+        self.size = int(np.prod(tensor.shape))
+        self.mean = np.asarray(spec.mean, np.float32)
+        self.std = np.asarray(spec.std, np.float32)
+
+    def __call__(self, window: np.ndarray) -> tuple[np.ndarray, None]:
+        if window.size != self.size:
+            raise PreprocessError(
+                f"window of {window.shape} ({window.size} values) does not fit input "
+                f"{self.tensor.shape} ({self.size} values)"
+            )
+        x = (window.astype(np.float32) - self.mean) / self.std
+        if self.tensor.quantized and self.dtype.name in _RANGES:
+            lo, hi = _RANGES[self.dtype.name]
+            x = np.clip(np.round(x / self.tensor.scale + self.tensor.zero_point), lo, hi)
+        return x.astype(self.dtype).reshape(self.tensor.shape), None
+
+
+def make_preprocessor(
+    tensor: TensorInfo, spec: Preprocess, resize: Literal["stretch", "letterbox"] = "stretch"
+) -> ImagePreprocessor | WindowPreprocessor:
+    """Images for 4-D inputs with 1 or 3 channels; windows for everything else."""
+    channels = tensor.shape[1] if spec.layout == "NCHW" else tensor.shape[-1]
+    if len(tensor.shape) == 4 and channels in (1, 3):
+        return ImagePreprocessor(tensor, spec, resize)
+    return WindowPreprocessor(tensor, spec)

@@ -1,0 +1,257 @@
+from __future__ import annotations
+
+import io
+import os
+import pty
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from agent import config as c
+from agent.loops.frames import Frame, FrameQueue, LatestFrameSlot
+from agent.loops.sources import CaptureThread, EndOfStream, SourceError, create_source
+from agent.loops.sources.base import Source, source_types
+from agent.loops.sources.sensor import SensorWindows
+from agent.loops.sources.synthetic import digit_samples
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def write_video(path: Path, frames: int = 10, size: tuple[int, int] = (64, 48)) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, size)
+    for i in range(frames):
+        img = np.full((size[1], size[0], 3), i * 20, np.uint8)
+        writer.write(img)
+    writer.release()
+    assert path.stat().st_size > 0
+    return path
+
+
+def drain(source: Source, n: int) -> list[tuple[np.ndarray, dict]]:
+    out = []
+    while len(out) < n:
+        item = source.read()
+        if item is not None:
+            out.append(item)
+    return out
+
+
+def test_registry_knows_every_configured_type() -> None:
+    assert set(source_types()) == {"camera", "picamera2", "video", "images", "sensor", "synthetic"}
+
+
+def test_picamera2_missing_is_a_clear_error() -> None:
+    source = create_source(c.PiCamera2Source(type="picamera2"))
+    with pytest.raises(SourceError, match="picamera2 is not installed"):
+        source.open()
+
+
+def test_synthetic_digits_carry_their_label() -> None:
+    images, labels = digit_samples()
+    assert images.shape == (200, 8, 8) and set(labels.tolist()) == set(range(10))
+    src = create_source(
+        c.SyntheticSource(type="synthetic", kind="digits", width=32, height=32, channels=1)
+    )
+    src.open()
+    (frame, meta), (_frame2, meta2) = drain(src, 2)
+    assert frame.shape == (32, 32, 1) and frame.dtype == np.uint8
+    assert meta["label"] == labels[0] and meta2["label"] == labels[1]
+    # Nearest-neighbour upscale: every 4x4 block is one original pixel.
+    assert np.array_equal(frame[::4, ::4, 0], images[0])
+
+
+def test_synthetic_frames_and_windows() -> None:
+    frames = create_source(c.SyntheticSource(type="synthetic", width=16, height=8))
+    frames.open()
+    (a, _), (b, _) = drain(frames, 2)
+    assert a.shape == (8, 16, 3) and not np.array_equal(a, b)
+    windows = create_source(c.SyntheticSource(type="synthetic", kind="windows", width=3, height=20))
+    windows.open()
+    (w, _) = drain(windows, 1)[0]
+    assert w.shape == (20, 3) and w.dtype == np.float32
+
+
+def test_video_file_loops_or_ends(tmp_path: Path) -> None:
+    path = write_video(tmp_path / "clip.avi", frames=5)
+    looped = create_source(c.VideoSource(type="video", path=path, pace="fast"))
+    looped.open()
+    assert looped.fps is None
+    assert len(drain(looped, 12)) == 12  # past the end: it rewinds
+    looped.close()
+    once = create_source(c.VideoSource(type="video", path=path, loop=False))
+    once.open()
+    assert once.fps == pytest.approx(25.0)
+    drain(once, 5)
+    with pytest.raises(EndOfStream):
+        once.read()
+
+
+def test_missing_video_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="video file not found"):
+        create_source(c.VideoSource(type="video", path=tmp_path / "nope.mp4")).open()
+
+
+def test_image_folder_skips_undecodable_files(tmp_path: Path) -> None:
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((4, 6, 3), i, np.uint8))
+    (tmp_path / "3.jpg").write_bytes(b"not a jpeg")
+    src = create_source(c.ImagesSource(type="images", path=tmp_path, loop=False))
+    src.open()
+    got = [src.read() for _ in range(4)]
+    assert [g[1]["file"] for g in got if g] == ["0.png", "1.png", "2.png"]
+    assert got[3] is None
+    with pytest.raises(EndOfStream):
+        src.read()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match="no images"):
+        create_source(c.ImagesSource(type="images", path=empty)).open()
+
+
+def sensor(**kw: Any) -> c.SensorSource:
+    return c.SensorSource(type="sensor", **kw)
+
+
+def test_sensor_csv_replay_in_windows(tmp_path: Path) -> None:
+    csv = tmp_path / "s.csv"
+    csv.write_text("t,ax,ay\n" + "".join(f"{i},{i}.5,{-i}\n" for i in range(10)))
+    src = create_source(sensor(input="file", path=csv, columns=["ay", "ax"], window=4, hop=2))
+    src.open()
+    windows = []
+    with pytest.raises(EndOfStream):
+        while True:
+            item = src.read()
+            if item is not None:
+                windows.append(item[0])
+    assert len(windows) == 4  # samples 0-3, 2-5, 4-7, 6-9
+    assert windows[0].tolist() == [[0, 0.5], [-1, 1.5], [-2, 2.5], [-3, 3.5]]
+    assert windows[1][0].tolist() == [-2, 2.5]
+
+
+def test_sensor_jsonl_from_stdin() -> None:
+    lines = "".join(f'{{"x": {i}, "y": {2 * i}, "note": "ok"}}\n' for i in range(3))
+    src = SensorWindows(
+        sensor(input="stdin", columns=["y", "x"], window=3), stdin=io.StringIO(lines)
+    )
+    src.open()
+    item = src.read()
+    assert item is not None and item[0].tolist() == [[0, 0], [2, 1], [4, 2]]
+
+
+def test_sensor_over_a_pseudo_terminal_and_its_loss() -> None:
+    master, slave = pty.openpty()
+    port = os.ttyname(slave)
+    src = create_source(sensor(input="serial", port=port, window=2, hop=1, baudrate=115200))
+    src.open()
+    os.write(master, b"1,2\n3,4\n")
+    got = [x for x in (src.read() for _ in range(20)) if x is not None]
+    assert got[0][0].tolist() == [[1, 2], [3, 4]]
+    os.close(master)
+    os.close(slave)
+    with pytest.raises(SourceError):
+        for _ in range(50):
+            src.read()
+    src.close()
+
+
+def test_missing_serial_port_is_named() -> None:
+    with pytest.raises(SourceError, match="cannot open serial port /dev/ttyNOPE0"):
+        create_source(sensor(input="serial", port="/dev/ttyNOPE0", window=2)).open()
+
+
+def test_latest_slot_drops_stale_frames_and_queue_keeps_all() -> None:
+    slot = LatestFrameSlot()
+    for i in range(5):
+        slot.put(Frame(i, 0.0, np.zeros(1)))
+    got = slot.get(0.1)
+    assert got is not None and got.seq == 4 and slot.dropped == 4
+    assert slot.get(0.01) is None
+    q = FrameQueue(maxsize=8)
+    for i in range(5):
+        q.put(Frame(i, 0.0, np.zeros(1)))
+    assert [q.get(0.1).seq for _ in range(5)] == [0, 1, 2, 3, 4]  # type: ignore[union-attr]
+
+
+def test_camera_on_a_file_fails_and_comes_back(tmp_path: Path) -> None:
+    """A camera that stops delivering is reopened with backoff, and frames flow again."""
+    path = write_video(tmp_path / "cam.avi", frames=3)
+    hidden = tmp_path / "away.avi"
+    source = create_source(c.CameraSource(type="camera", device=str(path)))
+    queue = FrameQueue(maxsize=1000)
+    capture = CaptureThread("cam", source, queue, min_backoff_s=0.05, max_backoff_s=0.2)
+    os.rename(path, hidden)  # the camera is unplugged before start
+    capture.start()
+    try:
+        wait_until(lambda: capture.failures >= 2)
+        assert capture.state == "reconnecting" and "cannot open camera" in (
+            capture.last_error or ""
+        )
+        assert capture.frames == 0
+        os.rename(hidden, path)  # plugged back in
+        wait_until(lambda: capture.frames >= 3)
+        # End of the file = the stream stopped: counted as a failure and reopened.
+        wait_until(lambda: capture.frames >= 6)
+        assert capture.alive
+    finally:
+        capture.stop()
+    assert capture.state == "stopped" and not capture.alive
+
+
+class _Exploding(Source):
+    type = "exploding"
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def open(self) -> None:
+        self.opened += 1
+
+    def read(self) -> tuple[np.ndarray, dict]:
+        raise ZeroDivisionError("driver bug")
+
+
+def test_capture_survives_a_driver_bug_and_stops_promptly() -> None:
+    src = _Exploding()
+    capture = CaptureThread("x", src, FrameQueue(), min_backoff_s=0.01, max_backoff_s=0.02)
+    capture.start()
+    wait_until(lambda: src.opened >= 3)
+    started = time.monotonic()
+    capture.stop()
+    assert time.monotonic() - started < 2.0
+    assert "ZeroDivisionError" in (capture.last_error or "")
+
+
+def test_paced_synthetic_source_runs_near_its_rate() -> None:
+    source = create_source(c.SyntheticSource(type="synthetic", fps=50, width=4, height=4))
+    slot = LatestFrameSlot()
+    capture = CaptureThread("syn", source, slot)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def consume() -> None:
+        while not stop.is_set():
+            f = slot.get(0.05)
+            if f is not None:
+                seen.append(f.seq)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    capture.start()
+    time.sleep(0.5)
+    capture.stop()
+    stop.set()
+    consumer.join()
+    # Paced, not free-running: a free-running source would make thousands of frames.
+    assert 5 <= capture.frames <= 60
+    assert seen == sorted(seen)
