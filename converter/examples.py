@@ -1,7 +1,8 @@
 """Example models: ``digits`` (trains in seconds, offline) and ``mobilenet`` (the benchmark load).
 
-``digits`` also writes its data beside the model, as raw pixel values 0..16 (what
-a device would see), so the model is converted with ``--std 16``:
+``digits`` also writes its data beside the model as 8-bit pixel values 0..255, what
+a camera gives (scikit-learn's 0..16 scaled up), so the model is converted with
+``--std 255``:
 ``NAME-calib.npz`` (training images), ``NAME-val.npz`` (held-out images and labels)
 and ``NAME-labels.txt``.
 """
@@ -16,7 +17,7 @@ import numpy as np
 from converter.errors import ConverterError
 from converter.tfimport import import_tensorflow, quiet_fds
 
-DIGITS_STD = 16.0
+DIGITS_STD = 255.0
 DIGITS_LABELS = [str(d) for d in range(10)]
 
 
@@ -36,11 +37,11 @@ def _check_dest(dest: Path) -> None:
 
 
 def digits_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's digits as (x_train, y_train, x_val, y_val); x raw 0..16, (n, 8, 8, 1)."""
+    """scikit-learn's digits as (x_train, y_train, x_val, y_val); x pixels 0..255, (n, 8, 8, 1)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    x = digits.images.astype(np.float32)[..., None]
+    x = np.round(digits.images * (255 / 16)).astype(np.float32)[..., None]
     y = digits.target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(x))
     val = order[:360]

@@ -72,7 +72,7 @@ def converted(
         "--labels",
         digits.labels,
         "--std",
-        "16",
+        "255",
         "--sign-key",
         keys / "signing.key",
         "--json",
@@ -111,7 +111,7 @@ def test_digits_manifest_describes_the_model(converted: tuple[Path, dict[str, An
     assert (m.inputs[0].shape, m.inputs[0].dtype) == ([1, 8, 8, 1], "int8")
     assert (m.outputs[0].shape, m.outputs[0].dtype) == ([1, 10], "int8")
     assert m.inputs[0].scale > 0 and m.outputs[0].scale > 0
-    assert m.preprocess.std == [16.0]
+    assert m.preprocess.std == [255.0]
     assert m.metrics is not None and m.metrics.samples == 360
     assert m.metrics.sqnr_db and m.metrics.sqnr_db[0] > 10
     assert m.calibration is not None and m.calibration.samples == 300
@@ -128,7 +128,7 @@ def test_digits_int8_runs_on_both_device_runtimes(
     assert loaded.runtime.name == runtime
     (inp,), (out,) = loaded.inputs, loaded.outputs
     with np.load(digits.val) as data:
-        x, y = data["x"] / 16.0, data["y"]
+        x, y = data["x"] / 255.0, data["y"]
     predictions = []
     for i in range(len(x)):
         loaded.interpreter.set_tensor(inp.index, quantize(x[i : i + 1], inp))

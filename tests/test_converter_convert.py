@@ -47,7 +47,7 @@ def convert_args(digits: ExampleFiles, out: Path, *extra: object) -> list[object
         "--samples",
         "50",
         "--std",
-        "16",
+        "255",
         *extra,
     ]
 
