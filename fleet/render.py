@@ -123,8 +123,8 @@ def progress_line(p: DeviceProgress) -> str:
         text += f" {p.percent:.0f}%"
     if p.status == "failed" and p.code:
         text += f" [{p.code}]"
-    if p.message and p.status not in ("accepted", "done"):
-        text += f": {p.message}"
+    if p.message and p.message != p.status and p.status not in ("accepted", "done"):
+        text += f"  ({p.message})"
     return text
 
 
