@@ -513,6 +513,8 @@ def json_out(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     try:
         data = json.loads(proc.stdout)
     except ValueError:
-        raise AssertionError(f"not JSON (rc {proc.returncode}): {proc.stdout!r} {proc.stderr!r}")
+        raise AssertionError(
+            f"not JSON (rc {proc.returncode}): {proc.stdout!r} {proc.stderr!r}"
+        ) from None
     assert isinstance(data, dict)
     return data
