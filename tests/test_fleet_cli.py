@@ -12,6 +12,7 @@ import pytest
 
 from agent.models.manifest import load_public_key
 from agent.protocol import DeployCommand, ModelState, ReplyCode
+from fleet.cli import UsageError, build_parser, load_bundle
 from tests.fleet_support import (
     Keys,
     SimDevice,
@@ -379,3 +380,30 @@ def test_watch_json_streams_states_telemetry_and_results(
     assert {"state", "telemetry", "result"} <= kinds
     first_state = next(e for e in events if e["kind"] == "state")
     assert first_state["message"]["online"] is True
+
+
+# ----------------------------------------------------------------- docs and parsing
+
+
+def test_readme_fleet_commands_parse() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Fleet console", 1)[1].split("\n## ", 1)[0]
+    commands = [
+        line.split("#", 1)[0].split()
+        for line in section.splitlines()
+        if line.startswith("edge-fleet ")
+    ]
+    assert {c[1] for c in commands} == {"status", "deploy", "rollback", "ping", "watch"}
+    parser = build_parser()
+    for command in commands:
+        parser.parse_args(command[1:])
+
+
+def test_allow_unsigned_is_explicit(tmp_path: Path, keys: Keys) -> None:
+    unsigned = make_bundle(tmp_path / "u", MODEL, version="5", keys=None)
+    parser = build_parser()
+    args = parser.parse_args(["deploy", str(unsigned), "--device", "a", "--allow-unsigned"])
+    assert load_bundle(args).signature is None
+    args = parser.parse_args(["deploy", str(unsigned), "--device", "a", "--pub", str(keys.public)])
+    with pytest.raises(UsageError, match="not signed"):
+        load_bundle(args)
