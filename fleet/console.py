@@ -236,7 +236,12 @@ class Console:
 
     def send(self, device: str, command: Command, timeout: float = 10.0) -> None:
         """Publish a command to one device (QoS 1) and wait for the broker's ack."""
-        self.publish(self.topics.cmd(device), command.to_bytes(), timeout=timeout)
+        self.send_many([(device, command)], timeout=timeout)
+
+    def send_many(self, commands: Iterable[tuple[str, Command]], timeout: float = 30.0) -> None:
+        """Publish commands to many devices at once, then wait for every ack."""
+        messages = [(self.topics.cmd(d), c.to_bytes()) for d, c in commands]
+        self.publish_many(messages, timeout=timeout)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, timeout: float = 10.0) -> None:
         self.publish_many([(topic, payload)], qos=qos, timeout=timeout)

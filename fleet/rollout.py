@@ -14,7 +14,7 @@ import math
 import queue
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -214,6 +214,8 @@ class Sender(Protocol):
 
     def send(self, device: str, command: Command, timeout: float = ...) -> None: ...
 
+    def send_many(self, commands: Iterable[tuple[str, Command]], timeout: float = ...) -> None: ...
+
 
 @dataclass
 class RunReport:
@@ -267,8 +269,7 @@ class CommandRun:
                 for t in targets:
                     self._set(self.progress[t.device], "skipped", "not sent: the rollout halted")
                 continue
-            for t in targets:
-                self._send(self.progress[t.device])
+            self._send([self.progress[t.device] for t in targets])
             self._follow([self.progress[t.device] for t in targets])
             # The devices of this wave all finish (or time out) before the decision, so
             # the report says how every commanded device ended.
@@ -281,20 +282,21 @@ class CommandRun:
 
     # ----------------------------------------------------------------------
 
-    def _send(self, p: DeviceProgress) -> None:
+    def _send(self, wave: list[DeviceProgress]) -> None:
         now = self.clock()
-        if p.command_id is None:
-            p.command_id = f"{self.op[:3]}-{uuid.uuid4().hex[:12]}"
-            self._by_id[p.command_id] = p
-            self._commands[p.device] = self.make_command(p.command_id, now, self.expires_at)
-            p.sent_at = now
-        self.sender.send(p.device, self._commands[p.device])
-        # An offline device gets it from its persistent session when it reconnects.
-        self._set(
-            p,
-            "sent" if p.online else "pending",
-            "" if p.online else "offline: the broker keeps the command until it returns",
-        )
+        for p in wave:
+            if p.command_id is None:
+                p.command_id = f"{self.op[:3]}-{uuid.uuid4().hex[:12]}"
+                self._by_id[p.command_id] = p
+                self._commands[p.device] = self.make_command(p.command_id, now, self.expires_at)
+                p.sent_at = now
+        self.sender.send_many([(p.device, self._commands[p.device]) for p in wave])
+        for p in wave:
+            # An offline device gets it from its persistent session when it reconnects.
+            if p.online:
+                self._set(p, "sent", "")
+            else:
+                self._set(p, "pending", "offline: the broker keeps the command until it returns")
 
     def _follow(self, wave: list[DeviceProgress]) -> None:
         until = min(self.deadline, self.expires_at)
@@ -334,7 +336,7 @@ class CommandRun:
                 # Also covers a device without a persistent session yet; the protocol
                 # answers a repeated id again but never runs it twice.
                 log.info("%s is back online: sending %s again", p.device, p.command_id)
-                self._send(p)
+                self._send([p])
                 self._set(p, "sent", "back online")
 
     def _set(self, p: DeviceProgress, status: str, message: str) -> None:

@@ -407,3 +407,11 @@ def test_allow_unsigned_is_explicit(tmp_path: Path, keys: Keys) -> None:
     args = parser.parse_args(["deploy", str(unsigned), "--device", "a", "--pub", str(keys.public)])
     with pytest.raises(UsageError, match="not signed"):
         load_bundle(args)
+
+
+def test_unreachable_broker_is_one_line_and_exit_1(prefix: str, tmp_path: Path) -> None:
+    nowhere = Broker(tmp_path / "never-started")
+    proc = run_fleet(nowhere, prefix, "status", "--connect-timeout", "2")
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("edge-fleet status: cannot connect to the broker at mqtt://127.0.0.1:")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Iterable
 
 import pytest
 
@@ -122,6 +123,10 @@ class ScriptedSender:
         self.sent.append((device, command))
         for status, code, message in self.answers.get(device, []):
             self.reply(device, command.id, status, code, message)
+
+    def send_many(self, commands: Iterable[tuple[str, Command]], timeout: float = 10.0) -> None:
+        for device, command in commands:
+            self.send(device, command, timeout)
 
     def reply(self, device: str, cid: str, status: str, code: ReplyCode, message: str = "") -> None:
         r = Reply(
