@@ -287,7 +287,7 @@ class Console:
         except ProtocolError:
             return
         try:
-            event = self._parse(device, kind, msg.payload, now)
+            event = self._parse(msg.topic, device, kind, msg.payload, now)
         except ValidationError as err:
             problem = format_validation_error(err)
             log.warning("invalid %s message on %s: %s", kind, msg.topic, problem)
@@ -301,11 +301,13 @@ class Console:
             self._update_view(event)
         self.events.put(event)
 
-    def _parse(self, device: str, kind: str, payload: bytes, now: float) -> Event | None:
+    def _parse(
+        self, topic: str, device: str, kind: str, payload: bytes, now: float
+    ) -> Event | None:
         if kind == "state":
             state = State.model_validate_json(payload)
             if state.device != device:
-                return InvalidEvent(f"{device}/state", f"state of {state.device!r}", now)
+                return InvalidEvent(topic, f"carries the state of {state.device!r}", now)
             return StateEvent(device, state, now)
         if kind == "telemetry":
             return TelemetryEvent(device, Telemetry.model_validate_json(payload), now)
