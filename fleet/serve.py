@@ -1,0 +1,256 @@
+"""Making a bundle's model file reachable by devices: a built-in HTTP server, or chunks over MQTT.
+
+``offer_artifact`` is the one place that builds the ``artifact`` of a deploy
+command, so a new artifact kind of the protocol is added here only.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Literal, Protocol
+from urllib.parse import quote
+
+from agent.models.manifest import Bundle
+from agent.protocol import MAX_COMMAND_BYTES, Artifact, Chunk, HttpArtifact, MqttArtifact, Topics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 64 * 1024
+# Devices that accept within this window share one round of chunks.
+CHUNK_SETTLE_S = 0.3
+
+
+def parse_bind(text: str, default_host: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST`` or ``:PORT``; port 0 picks a free one."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = text, "0"
+    try:
+        port = int(port_text or "0")
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"bind address {text!r}: expected HOST:PORT") from None
+    return host.strip("[]") or default_host, port
+
+
+# ------------------------------------------------------------------------- HTTP
+
+
+class ArtifactServer:
+    """Serves one file at ``/<name>/<version>/model.tflite`` until stopped."""
+
+    def __init__(self, model_path: Path, url_path: str, bind: tuple[str, int], advertise: str):
+        self.model_path = model_path
+        self.url_path = url_path
+        self.bind = bind
+        self.advertise = advertise
+        self.downloads = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> str:
+        """Bind and serve in a thread; returns the URL devices are given."""
+        server = ThreadingHTTPServer(self.bind, self._handler_class())
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="artifact-http"
+        )
+        self._thread.start()
+        host = f"[{self.advertise}]" if ":" in self.advertise else self.advertise
+        return f"http://{host}:{server.server_address[1]}{self.url_path}"
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self._serve(body=True)
+
+            def do_HEAD(self) -> None:
+                self._serve(body=False)
+
+            def _serve(self, body: bool) -> None:
+                if self.path != owner.url_path:
+                    self.send_error(HTTPStatus.NOT_FOUND)
+                    return
+                size = owner.model_path.stat().st_size
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                if body:
+                    with owner.model_path.open("rb") as f:
+                        shutil.copyfileobj(f, self.wfile, 64 * 1024)
+                    owner.downloads += 1
+
+            def log_message(self, format: str, *args: object) -> None:
+                log.debug("artifact http: %s", format % args)
+
+        return Handler
+
+
+# ------------------------------------------------------------------------- MQTT
+
+
+def chunk_messages(
+    path: Path, topics: Topics, transfer_id: str, chunk_size: int
+) -> Iterator[tuple[str, bytes]]:
+    """(topic, payload) of every ``Chunk`` of a file, read one chunk at a time."""
+    size = path.stat().st_size
+    total = max(1, math.ceil(size / chunk_size))
+    topic = topics.transfer(transfer_id)
+    with path.open("rb") as f:
+        for index in range(total):
+            data = base64.b64encode(f.read(chunk_size)).decode("ascii")
+            yield (
+                topic,
+                Chunk(transfer_id=transfer_id, index=index, total=total, data=data).to_bytes(),
+            )
+
+
+class ChunkPublisher:
+    """Publishes a file's chunks whenever devices are ready for them, from its own thread.
+
+    Devices subscribe to the transfer topic when they accept the deploy, and chunks
+    are not retained, so every acceptance asks for a round; acceptances close together
+    share one.
+    """
+
+    def __init__(
+        self,
+        publish_many: Callable[[list[tuple[str, bytes]]], None],
+        path: Path,
+        topics: Topics,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        transfer_id: str | None = None,
+    ) -> None:
+        if not 0 < chunk_size <= MAX_COMMAND_BYTES:
+            raise ValueError(f"chunk size must be 1..{MAX_COMMAND_BYTES} bytes")
+        self._publish_many = publish_many
+        self.path = path
+        self.topics = topics
+        self.chunk_size = chunk_size
+        self.transfer_id = transfer_id or f"t-{uuid.uuid4().hex[:12]}"
+        self.chunks = max(1, math.ceil(path.stat().st_size / chunk_size))
+        self.rounds = 0
+        self.error: str | None = None
+        self._wanted = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="chunk-publisher", daemon=True)
+
+    def artifact(self) -> MqttArtifact:
+        return MqttArtifact(
+            transfer_id=self.transfer_id, chunk_size=self.chunk_size, chunks=self.chunks
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wanted.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def publish_all(self) -> None:
+        messages = list(chunk_messages(self.path, self.topics, self.transfer_id, self.chunk_size))
+        self._publish_many(messages)
+        self.rounds += 1
+        log.info("published %d chunk(s) of transfer %s", len(messages), self.transfer_id)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._wanted.wait(0.5) or self._stop.is_set():
+                continue
+            self._stop.wait(CHUNK_SETTLE_S)
+            self._wanted.clear()
+            try:
+                self.publish_all()
+            except Exception as exc:  # the deploy shows the devices' timeouts; say why
+                self.error = str(exc)
+                log.warning("chunk transfer %s failed: %s", self.transfer_id, exc)
+
+
+# ---------------------------------------------------------------------- offers
+
+
+class ArtifactOffer(Protocol):
+    """A model file made reachable for the length of a deploy."""
+
+    artifact: Artifact
+
+    def device_accepted(self, device: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class UrlOffer:
+    """A URL the operator already serves (object storage, a CDN), or our HTTP server."""
+
+    def __init__(self, url: str, server: ArtifactServer | None = None) -> None:
+        self.artifact: Artifact = HttpArtifact(url=url)
+        self.server = server
+
+    def device_accepted(self, device: str) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+class MqttOffer:
+    def __init__(self, publisher: ChunkPublisher) -> None:
+        self.publisher = publisher
+        self.artifact: Artifact = publisher.artifact()
+        publisher.start()
+
+    def device_accepted(self, device: str) -> None:
+        self.publisher.request()
+
+    def close(self) -> None:
+        self.publisher.stop()
+
+
+def offer_artifact(
+    bundle: Bundle,
+    via: Literal["http", "mqtt"],
+    *,
+    topics: Topics,
+    publish_many: Callable[[list[tuple[str, bytes]]], None],
+    advertise: str,
+    bind: tuple[str, int],
+    url: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> ArtifactOffer:
+    """Start serving the bundle's model file the chosen way."""
+    if via == "mqtt":
+        return MqttOffer(ChunkPublisher(publish_many, bundle.model_path, topics, chunk_size))
+    if url is not None:
+        return UrlOffer(url)
+    m = bundle.manifest
+    path = f"/{quote(m.name)}/{quote(m.version)}/model.tflite"
+    server = ArtifactServer(bundle.model_path, path, bind, advertise)
+    return UrlOffer(server.start(), server)
