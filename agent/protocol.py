@@ -16,6 +16,7 @@ topic                                  QoS    retain  payload
 ``<prefix>/<device>/telemetry``        0      no      ``Telemetry``
 ``<prefix>/<device>/results/<pipe>``   1      no      ``Result``
 ``<prefix>/transfer/<transfer_id>``    1      no      ``Chunk`` (model bytes over MQTT)
+``<prefix>/transfer/<id>/missing``     1      no      ``ChunkRequest`` (device asks again)
 =====================================  =====  ======  ===================================
 """
 
@@ -137,6 +138,10 @@ class Topics:
     def transfer(self, transfer_id: str) -> str:
         return f"{self.prefix}/transfer/{_check_id(transfer_id, 'transfer id')}"
 
+    def transfer_missing(self, transfer_id: str) -> str:
+        """Where devices ask for chunks again; the sending console subscribes to it."""
+        return f"{self.transfer(transfer_id)}/missing"
+
     # Wildcard subscriptions for a console that watches the whole fleet.
     def all_states(self) -> str:
         return f"{self.prefix}/+/state"
@@ -227,6 +232,16 @@ class HttpArtifact(Message):
     url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
 
 
+class UrlArtifact(Message):
+    """The model file at a URL the device fetches: ``https``, ``http`` or ``file``.
+
+    Which schemes (and hosts) a device accepts is its own config (``transfer``).
+    """
+
+    kind: Literal["url"] = "url"
+    url: Annotated[str, Field(pattern=r"^(https?|file)://", max_length=2048)]
+
+
 class MqttArtifact(Message):
     """The model file sent as ``Chunk`` messages on ``<prefix>/transfer/<transfer_id>``."""
 
@@ -236,7 +251,9 @@ class MqttArtifact(Message):
     chunks: Annotated[int, Field(gt=0)]
 
 
-Artifact: TypeAlias = Annotated[HttpArtifact | MqttArtifact, Field(discriminator="kind")]
+Artifact: TypeAlias = Annotated[
+    HttpArtifact | UrlArtifact | MqttArtifact, Field(discriminator="kind")
+]
 
 
 class DeployCommand(_CommandBase):
@@ -394,6 +411,24 @@ class Chunk(Message):
     index: Annotated[int, Field(ge=0)]
     total: Annotated[int, Field(gt=0)]
     data: str = Field(description="base64 bytes of this chunk")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        default=None,
+        description="sha256 of this chunk's bytes; a device drops a chunk that fails it",
+    )
+
+
+MAX_MISSING_LISTED = 1024
+
+
+class ChunkRequest(Message):
+    """A device's request for chunks again, on ``<prefix>/transfer/<transfer_id>/missing``."""
+
+    transfer_id: CommandId
+    device: DeviceId
+    missing: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_MISSING_LISTED)] = (
+        Field(description="Chunk indexes still missing (at most 1024 per request)")
+    )
+    ts: float
 
 
 # ------------------------------------------------------------------ encode / decode
@@ -479,6 +514,7 @@ _MESSAGES: dict[str, type[Message]] = {
     "Telemetry": Telemetry,
     "Result": Result,
     "Chunk": Chunk,
+    "ChunkRequest": ChunkRequest,
 }
 
 

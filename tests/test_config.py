@@ -49,7 +49,8 @@ def test_example_documents_every_option() -> None:
         c.AgentConfig, c.DeviceConfig, c.MqttConfig, c.TlsConfig, c.ReconnectConfig,
         c.RuntimeConfig, c.ModelsConfig, c.ValidationConfig, c.ProbationConfig,
         c.DownloadConfig, c.PipelineConfig, c.PublishConfig, c.TelemetryConfig,
-        c.HttpApiConfig, c.OutboxConfig, c.CameraSource, c.PiCamera2Source, c.VideoSource,
+        c.HttpApiConfig, c.OutboxConfig, c.TransferConfig, c.CameraSource, c.PiCamera2Source,
+        c.VideoSource,
         c.ImagesSource, c.SensorSource, c.SyntheticSource,
     ]  # fmt: skip
     missing = [
