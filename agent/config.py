@@ -75,6 +75,13 @@ class MqttConfig(_Section):
     tls: TlsConfig = TlsConfig()
     reconnect: ReconnectConfig = ReconnectConfig()
     session_expiry_s: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
+    require_signed_commands: bool = False
+    command_keys: list[Path] = Field(
+        default_factory=list, description="Ed25519 public keys that may sign commands"
+    )
+    command_max_age_s: PositiveFloat = Field(
+        default=300.0, description="signed commands: allowed clock difference"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -83,6 +90,12 @@ class MqttConfig(_Section):
         if isinstance(data, dict) and isinstance(data.get("protocol"), int | float):
             data = {**data, "protocol": str(data["protocol"])}
         return data
+
+    @model_validator(mode="after")
+    def _signed_commands_need_keys(self) -> MqttConfig:
+        if self.require_signed_commands and not self.command_keys:
+            raise ValueError("require_signed_commands needs command_keys")
+        return self
 
     @model_validator(mode="after")
     def _one_password_source(self) -> MqttConfig:
@@ -411,6 +424,7 @@ _MUST_EXIST = {
     "mqtt.tls.cert_file",
     "mqtt.tls.key_file",
     "mqtt.password_file",
+    "mqtt.command_keys",
     "models.trusted_keys",
     "runtime.delegate_path",
 }

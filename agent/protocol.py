@@ -13,7 +13,7 @@ topic                                  QoS    retain  payload
 ``<prefix>/group/<group>/cmd``         1      no      a command for every member
 ``<prefix>/<device>/reply``            1      no      ``Reply`` (MQTT 5: the response topic)
 ``<prefix>/<device>/state``            1      yes     ``State``; the last will says offline
-``<prefix>/<device>/telemetry``        0      no      ``Telemetry``
+``<prefix>/<device>/telemetry``        1      no      ``Telemetry``
 ``<prefix>/<device>/results/<pipe>``   1      no      ``Result``
 ``<prefix>/transfer/<transfer_id>``    1      no      ``Chunk`` (model bytes over MQTT)
 ``<prefix>/transfer/<id>/missing``     1      no      ``ChunkRequest`` (device asks again)
@@ -217,11 +217,31 @@ class ReplyCode(str, Enum):
 # Commands ---------------------------------------------------------------------------
 
 
+class CommandAuth(Message):
+    """An Ed25519 signature by a fleet command key (``mqtt.require_signed_commands``).
+
+    The signature covers ``command_signing_bytes`` of the whole command, so the target,
+    time and nonce cannot be changed without breaking it.
+    """
+
+    target: Annotated[str, Field(pattern=r"^(device|group)/[A-Za-z0-9][A-Za-z0-9._-]*$")] = Field(
+        description="device/<device id> or group/<group id>"
+    )
+    ts: float = Field(description="Unix time of signing; devices refuse stale ones")
+    nonce: Annotated[str, Field(min_length=8, max_length=128)] = Field(
+        description="Random, never reused; devices refuse a nonce they have seen"
+    )
+    signature: Annotated[str, Field(max_length=256)] = Field(description="base64 Ed25519 signature")
+
+
 class _CommandBase(Message):
     id: CommandId
     issued_at: float | None = Field(default=None, description="Unix time the console sent it")
     expires_at: float | None = Field(
         default=None, description="Unix time after which the device refuses the command"
+    )
+    auth: CommandAuth | None = Field(
+        default=None, description="Signature; required when the device demands signed commands"
     )
 
 
@@ -502,6 +522,16 @@ def command_id_of(payload: bytes) -> str:
         return value if isinstance(value, str) and _ID_RE.match(value or "") else ""
     except (ValueError, UnicodeDecodeError):
         return ""
+
+
+def command_signing_bytes(data: Mapping[str, Any]) -> bytes:
+    """The bytes a command signature covers: the command object as sent, without
+    ``auth.signature``, as canonical JSON (keys sorted, no spaces, UTF-8)."""
+    body = dict(data)
+    auth = body.get("auth")
+    if isinstance(auth, Mapping):
+        body["auth"] = {k: v for k, v in auth.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def encode(message: Message) -> bytes:

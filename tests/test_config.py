@@ -157,6 +157,6 @@ def test_schema_command_prints_every_message() -> None:
     result = run_agent("schema")
     assert result.returncode == 0
     assert set(json.loads(result.stdout)) == {
-        "Command", "Reply", "State", "Telemetry", "Result", "Chunk",
+        "Command", "Reply", "State", "Telemetry", "Result", "Chunk", "ChunkRequest",
     }  # fmt: skip
     assert run_agent("schema", "--message", "Nope").returncode == 2
