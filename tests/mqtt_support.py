@@ -40,7 +40,9 @@ def free_port() -> int:
 class Broker:
     """One Mosquitto process; ``stop()`` and ``start()`` keep the port and persistence."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, listener_conf: str = "") -> None:
+        """``listener_conf``: extra lines for the listener (e.g. TLS: cafile, certfile,
+        keyfile, require_certificate)."""
         self.workdir = workdir
         self.host = "127.0.0.1"
         self.port = port or free_port()
@@ -57,6 +59,7 @@ class Broker:
             "max_queued_messages 100000\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             "log_dest stdout\n"
+            f"{listener_conf}"
         )
 
     def start(self, timeout: float = 10.0) -> None:
