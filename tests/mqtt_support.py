@@ -50,8 +50,12 @@ class Broker:
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
+        # As root, mosquitto drops to the `mosquitto` user, which cannot write the
+        # persistence file in a root-owned test directory: stay root instead.
+        run_as = "user root\n" if os.geteuid() == 0 else ""
         self.conf.write_text(
             f"listener {self.port} {self.host}\n"
+            f"{run_as}"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {workdir}/\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,59 +19,10 @@ from agent import protocol as p
 from agent.link.commands import CommandDispatcher, CommandTarget
 from agent.link.signing import sign_command
 from agent.link.transfer import ArtifactFetcher
-from tests.link_support import FakeLink, Published, make_config
+from tests.link_support import FakeLink, FakeTarget, Published, make_config
 
 CMD = "edge/pi-1/cmd"
 REPLY = "edge/pi-1/reply"
-
-
-class FakeTarget:
-    """Records calls; ``deploy`` can be made to block or fail."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-        self.release = threading.Event()
-        self.release.set()
-        self.fail_with: p.CommandFailed | None = None
-        self.model_bytes: list[bytes] = []
-
-    def deploy(
-        self,
-        manifest: dict[str, Any],
-        signature: str | None,
-        model_file: Path,
-        pipeline: str | None,
-        progress: p.Progress,
-    ) -> dict[str, Any]:
-        self.calls.append(("deploy", manifest.get("name")))
-        self.model_bytes.append(model_file.read_bytes())
-        progress("validating", None)
-        self.release.wait(10)
-        if self.fail_with is not None:
-            raise self.fail_with
-        return {"model": manifest.get("name"), "version": manifest.get("version")}
-
-    def rollback(self, model: str, to_version: str | None, progress: p.Progress) -> dict[str, Any]:
-        self.calls.append(("rollback", model))
-        if self.fail_with is not None:
-            raise self.fail_with
-        return {"model": model, "version": to_version or "1"}
-
-    def model_states(self) -> list[p.ModelState]:
-        return [p.ModelState(name="digits", active="1", status="serving")]
-
-    def status(self) -> dict[str, Any]:
-        return {"uptime_s": 1.0}
-
-    def apply_config(self, changes: dict[str, Any]) -> dict[str, Any]:
-        self.calls.append(("config", changes))
-        if "bad" in changes:
-            raise p.CommandFailed(p.ReplyCode.CONFIG_REJECTED, "no such option: bad")
-        return {"applied": sorted(changes)}
-
-    def restart(self, pipeline: str | None) -> dict[str, Any]:
-        self.calls.append(("restart", pipeline))
-        raise RuntimeError("boom")
 
 
 class Plane:

@@ -304,11 +304,13 @@ class MqttLink:
         client = self._client
         assert client is not None
         socket_open = False
+        connects_at_open = 0
         while not self._stop.is_set():
             if not socket_open:
                 try:
                     self._connect(client)
                     socket_open = True
+                    connects_at_open = self.connects
                 except (OSError, ValueError) as exc:
                     self._report(f"cannot connect to {self._mqtt.host}:{self._mqtt.port}: {exc}")
                     self._stop.wait(self._backoff.next_delay())
@@ -316,6 +318,14 @@ class MqttLink:
             rc = client.loop(timeout=0.5)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 socket_open = False
+                if self.connects == connects_at_open:
+                    # Closed before any CONNACK: typically a TLS client certificate the
+                    # broker rejected (TLS 1.3 reports that only after the handshake).
+                    self._report(
+                        f"connection to {self._mqtt.host}:{self._mqtt.port} closed before the "
+                        f"broker accepted it ({mqtt.error_string(rc)}): client certificate "
+                        "rejected, or not an MQTT broker?"
+                    )
                 self._connected.clear()
                 self._stop.wait(self._backoff.next_delay())
 

@@ -188,8 +188,8 @@ class CommandDispatcher:
         thread, executor = self._thread, self._executor
         if thread is None or executor is None:
             return
-        for topic in self.command_topics:
-            self._link.unsubscribe(topic)
+        # No unsubscribe: the subscriptions belong to the persistent session, so
+        # commands sent while the agent is down wait at the broker.
         self._stop.set()
         thread.join(timeout)
         # A running deploy cannot be interrupted safely; it finishes in the background
