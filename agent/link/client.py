@@ -245,7 +245,10 @@ class MqttLink:
             info = client.publish(
                 self.topics.state(self.device), self.state(online=False).to_bytes(), 1, True
             )
-            info.wait_for_publish(timeout)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("could not publish the offline state: %s", exc)
         self._stop.set()
         thread.join(timeout + 2)
         client.disconnect()

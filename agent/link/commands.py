@@ -356,7 +356,8 @@ class CommandDispatcher:
                     return
             last.update(stage=stage, percent=percent, at=now)
             if percent is not None:
-                percent = min(100.0, max(0.0, float(percent)))
+                percent = float(percent)
+                percent = None if percent != percent else min(100.0, max(0.0, percent))
             self._reply(
                 route, command_id, "progress", p.ReplyCode.IN_PROGRESS, stage, None, stage, percent
             )
