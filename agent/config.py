@@ -75,6 +75,13 @@ class MqttConfig(_Section):
     tls: TlsConfig = TlsConfig()
     reconnect: ReconnectConfig = ReconnectConfig()
     session_expiry_s: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
+    require_signed_commands: bool = False
+    command_keys: list[Path] = Field(
+        default_factory=list, description="Ed25519 public keys that may sign commands"
+    )
+    command_max_age_s: PositiveFloat = Field(
+        default=300.0, description="signed commands: allowed clock difference"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -83,6 +90,12 @@ class MqttConfig(_Section):
         if isinstance(data, dict) and isinstance(data.get("protocol"), int | float):
             data = {**data, "protocol": str(data["protocol"])}
         return data
+
+    @model_validator(mode="after")
+    def _signed_commands_need_keys(self) -> MqttConfig:
+        if self.require_signed_commands and not self.command_keys:
+            raise ValueError("require_signed_commands needs command_keys")
+        return self
 
     @model_validator(mode="after")
     def _one_password_source(self) -> MqttConfig:
@@ -247,6 +260,34 @@ class HttpApiConfig(_Section):
 class OutboxConfig(_Section):
     max_messages: Annotated[int, Field(gt=0)] = 100_000
     max_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
+    max_age_s: PositiveFloat = Field(
+        default=7 * 24 * 3600.0, description="older queued messages are dropped (and counted)"
+    )
+    max_inflight: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=256, description="published but not yet acknowledged (PUBACK) at once"
+    )
+
+
+Scheme: TypeAlias = Literal["https", "http", "file"]
+_DEFAULT_SCHEMES: tuple[Scheme, ...] = ("https", "http")
+
+
+class TransferConfig(_Section):
+    """How model files reach the device; size cap and timeout are models.download."""
+
+    allowed_schemes: list[Scheme] = Field(default_factory=lambda: list(_DEFAULT_SCHEMES))
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="URL hosts a device may fetch from; empty = any"
+    )
+    resume_attempts: Annotated[int, Field(ge=0)] = Field(
+        default=5, description="HTTP Range resumes after an interrupted download"
+    )
+    chunk_wait_s: PositiveFloat = Field(
+        default=10.0, description="MQTT transfer: silence before missing chunks are requested"
+    )
+    chunk_requests: Annotated[int, Field(ge=1)] = Field(
+        default=6, description="MQTT transfer: requests for missing chunks before giving up"
+    )
 
 
 class DeviceConfig(_Section):
@@ -265,6 +306,7 @@ class AgentConfig(_Section):
     telemetry: TelemetryConfig = TelemetryConfig()
     http: HttpApiConfig = HttpApiConfig()
     outbox: OutboxConfig = OutboxConfig()
+    transfer: TransferConfig = TransferConfig()
 
     @model_validator(mode="after")
     def _signing_keys(self) -> AgentConfig:
@@ -382,6 +424,7 @@ _MUST_EXIST = {
     "mqtt.tls.cert_file",
     "mqtt.tls.key_file",
     "mqtt.password_file",
+    "mqtt.command_keys",
     "models.trusted_keys",
     "runtime.delegate_path",
 }

@@ -13,9 +13,10 @@ topic                                  QoS    retain  payload
 ``<prefix>/group/<group>/cmd``         1      no      a command for every member
 ``<prefix>/<device>/reply``            1      no      ``Reply`` (MQTT 5: the response topic)
 ``<prefix>/<device>/state``            1      yes     ``State``; the last will says offline
-``<prefix>/<device>/telemetry``        0      no      ``Telemetry``
+``<prefix>/<device>/telemetry``        1      no      ``Telemetry``
 ``<prefix>/<device>/results/<pipe>``   1      no      ``Result``
 ``<prefix>/transfer/<transfer_id>``    1      no      ``Chunk`` (model bytes over MQTT)
+``<prefix>/transfer/<id>/missing``     1      no      ``ChunkRequest`` (device asks again)
 =====================================  =====  ======  ===================================
 """
 
@@ -137,6 +138,10 @@ class Topics:
     def transfer(self, transfer_id: str) -> str:
         return f"{self.prefix}/transfer/{_check_id(transfer_id, 'transfer id')}"
 
+    def transfer_missing(self, transfer_id: str) -> str:
+        """Where devices ask for chunks again; the sending console subscribes to it."""
+        return f"{self.transfer(transfer_id)}/missing"
+
     # Wildcard subscriptions for a console that watches the whole fleet.
     def all_states(self) -> str:
         return f"{self.prefix}/+/state"
@@ -212,11 +217,31 @@ class ReplyCode(str, Enum):
 # Commands ---------------------------------------------------------------------------
 
 
+class CommandAuth(Message):
+    """An Ed25519 signature by a fleet command key (``mqtt.require_signed_commands``).
+
+    The signature covers ``command_signing_bytes`` of the whole command, so the target,
+    time and nonce cannot be changed without breaking it.
+    """
+
+    target: Annotated[str, Field(pattern=r"^(device|group)/[A-Za-z0-9][A-Za-z0-9._-]*$")] = Field(
+        description="device/<device id> or group/<group id>"
+    )
+    ts: float = Field(description="Unix time of signing; devices refuse stale ones")
+    nonce: Annotated[str, Field(min_length=8, max_length=128)] = Field(
+        description="Random, never reused; devices refuse a nonce they have seen"
+    )
+    signature: Annotated[str, Field(max_length=256)] = Field(description="base64 Ed25519 signature")
+
+
 class _CommandBase(Message):
     id: CommandId
     issued_at: float | None = Field(default=None, description="Unix time the console sent it")
     expires_at: float | None = Field(
         default=None, description="Unix time after which the device refuses the command"
+    )
+    auth: CommandAuth | None = Field(
+        default=None, description="Signature; required when the device demands signed commands"
     )
 
 
@@ -225,6 +250,16 @@ class HttpArtifact(Message):
 
     kind: Literal["http"] = "http"
     url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
+
+
+class UrlArtifact(Message):
+    """The model file at a URL the device fetches: ``https``, ``http`` or ``file``.
+
+    Which schemes (and hosts) a device accepts is its own config (``transfer``).
+    """
+
+    kind: Literal["url"] = "url"
+    url: Annotated[str, Field(pattern=r"^(https?|file)://", max_length=2048)]
 
 
 class MqttArtifact(Message):
@@ -236,7 +271,9 @@ class MqttArtifact(Message):
     chunks: Annotated[int, Field(gt=0)]
 
 
-Artifact: TypeAlias = Annotated[HttpArtifact | MqttArtifact, Field(discriminator="kind")]
+Artifact: TypeAlias = Annotated[
+    HttpArtifact | UrlArtifact | MqttArtifact, Field(discriminator="kind")
+]
 
 
 class DeployCommand(_CommandBase):
@@ -394,6 +431,24 @@ class Chunk(Message):
     index: Annotated[int, Field(ge=0)]
     total: Annotated[int, Field(gt=0)]
     data: str = Field(description="base64 bytes of this chunk")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        default=None,
+        description="sha256 of this chunk's bytes; a device drops a chunk that fails it",
+    )
+
+
+MAX_MISSING_LISTED = 1024
+
+
+class ChunkRequest(Message):
+    """A device's request for chunks again, on ``<prefix>/transfer/<transfer_id>/missing``."""
+
+    transfer_id: CommandId
+    device: DeviceId
+    missing: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_MISSING_LISTED)] = (
+        Field(description="Chunk indexes still missing (at most 1024 per request)")
+    )
+    ts: float
 
 
 # ------------------------------------------------------------------ encode / decode
@@ -469,6 +524,16 @@ def command_id_of(payload: bytes) -> str:
         return ""
 
 
+def command_signing_bytes(data: Mapping[str, Any]) -> bytes:
+    """The bytes a command signature covers: the command object as sent, without
+    ``auth.signature``, as canonical JSON (keys sorted, no spaces, UTF-8)."""
+    body = dict(data)
+    auth = body.get("auth")
+    if isinstance(auth, Mapping):
+        body["auth"] = {k: v for k, v in auth.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def encode(message: Message) -> bytes:
     return message.to_bytes()
 
@@ -479,6 +544,7 @@ _MESSAGES: dict[str, type[Message]] = {
     "Telemetry": Telemetry,
     "Result": Result,
     "Chunk": Chunk,
+    "ChunkRequest": ChunkRequest,
 }
 
 

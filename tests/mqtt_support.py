@@ -40,7 +40,9 @@ def free_port() -> int:
 class Broker:
     """One Mosquitto process; ``stop()`` and ``start()`` keep the port and persistence."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, listener_conf: str = "") -> None:
+        """``listener_conf``: extra lines for the listener (e.g. TLS: cafile, certfile,
+        keyfile, require_certificate)."""
         self.workdir = workdir
         self.host = "127.0.0.1"
         self.port = port or free_port()
@@ -48,8 +50,12 @@ class Broker:
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
+        # As root, mosquitto drops to the `mosquitto` user, which cannot write the
+        # persistence file in a root-owned test directory: stay root instead.
+        run_as = "user root\n" if os.geteuid() == 0 else ""
         self.conf.write_text(
             f"listener {self.port} {self.host}\n"
+            f"{run_as}"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {workdir}/\n"
@@ -57,6 +63,7 @@ class Broker:
             "max_queued_messages 100000\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             "log_dest stdout\n"
+            f"{listener_conf}"
         )
 
     def start(self, timeout: float = 10.0) -> None:

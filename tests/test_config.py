@@ -49,7 +49,8 @@ def test_example_documents_every_option() -> None:
         c.AgentConfig, c.DeviceConfig, c.MqttConfig, c.TlsConfig, c.ReconnectConfig,
         c.RuntimeConfig, c.ModelsConfig, c.ValidationConfig, c.ProbationConfig,
         c.DownloadConfig, c.PipelineConfig, c.PublishConfig, c.TelemetryConfig,
-        c.HttpApiConfig, c.OutboxConfig, c.CameraSource, c.PiCamera2Source, c.VideoSource,
+        c.HttpApiConfig, c.OutboxConfig, c.TransferConfig, c.CameraSource, c.PiCamera2Source,
+        c.VideoSource,
         c.ImagesSource, c.SensorSource, c.SyntheticSource,
     ]  # fmt: skip
     missing = [
@@ -156,6 +157,6 @@ def test_schema_command_prints_every_message() -> None:
     result = run_agent("schema")
     assert result.returncode == 0
     assert set(json.loads(result.stdout)) == {
-        "Command", "Reply", "State", "Telemetry", "Result", "Chunk",
+        "Command", "Reply", "State", "Telemetry", "Result", "Chunk", "ChunkRequest",
     }  # fmt: skip
     assert run_agent("schema", "--message", "Nope").returncode == 2

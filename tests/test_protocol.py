@@ -132,7 +132,9 @@ def test_messages_forbid_unknown_keys_and_encode_without_nulls() -> None:
 
 def test_json_schemas_cover_every_message() -> None:
     schemas = p.json_schemas()
-    assert set(schemas) == {"Command", "Reply", "State", "Telemetry", "Result", "Chunk"}
+    assert set(schemas) == {
+        "Command", "Reply", "State", "Telemetry", "Result", "Chunk", "ChunkRequest",
+    }  # fmt: skip
     ops = {
         m["properties"]["op"]["const"]
         for m in schemas["Command"]["$defs"].values()

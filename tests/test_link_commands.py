@@ -1,0 +1,359 @@
+"""The command plane over the in-memory link, with a fake CommandTarget."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent import protocol as p
+from agent.link.commands import CommandDispatcher, CommandTarget
+from agent.link.signing import sign_command
+from agent.link.transfer import ArtifactFetcher
+from tests.link_support import FakeLink, FakeTarget, Published, make_config
+
+CMD = "edge/pi-1/cmd"
+REPLY = "edge/pi-1/reply"
+
+
+class Plane:
+    def __init__(self, tmp_path: Path, **sections: Any) -> None:
+        self.config = make_config(tmp_path / "state", **sections)
+        self.link = FakeLink()
+        self.target = FakeTarget()
+        _target: CommandTarget = self.target  # the fake follows the Protocol
+        self.fetcher = ArtifactFetcher(self.config, self.link)
+        self.changed = 0
+        self.dispatcher = CommandDispatcher(
+            self.config, self.link, _target, self.fetcher, state_changed=self._changed
+        )
+
+    def _changed(self) -> None:
+        self.changed += 1
+
+    def send(self, payload: bytes | dict[str, Any], topic: str = CMD, **kwargs: Any) -> None:
+        raw = json.dumps(payload).encode() if isinstance(payload, dict) else payload
+        self.link.deliver(topic, raw, **kwargs)
+
+    def replies(self, command_id: str | None = None, topic: str = REPLY) -> list[dict[str, Any]]:
+        out = []
+        for m in list(self.link.published):
+            if m.topic == topic:
+                r = json.loads(m.payload)
+                if command_id is None or r["id"] == command_id:
+                    out.append(r)
+        return out
+
+    def final(self, command_id: str, timeout: float = 10.0, topic: str = REPLY) -> dict[str, Any]:
+        def done(pub: list[Published]) -> bool:
+            return any(r["status"] in ("done", "failed") for r in self.replies(command_id, topic))
+
+        self.link.wait_for(done, timeout)
+        return next(r for r in self.replies(command_id, topic) if r["status"] in ("done", "failed"))
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Any:
+    plane = Plane(tmp_path)
+    plane.dispatcher.start()
+    yield plane
+    plane.dispatcher.stop()
+
+
+def test_subscribes_to_device_and_group_topics(plane: Plane) -> None:
+    assert set(plane.link.handlers) == {CMD, "edge/group/kitchen/cmd"}
+
+
+def test_ping_gets_accepted_then_done(plane: Plane) -> None:
+    plane.send({"id": "p1", "op": "ping"})
+    assert plane.final("p1")["code"] == "ok"
+    assert [r["status"] for r in plane.replies("p1")] == ["accepted", "done"]
+
+
+def test_group_command_is_obeyed(plane: Plane) -> None:
+    plane.send({"id": "g1", "op": "ping"}, topic="edge/group/kitchen/cmd")
+    assert plane.final("g1")["status"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "reply_id"),
+    [
+        (b"{not json", "bad_json", ""),
+        (b"[1, 2]", "schema", ""),
+        (b'{"id": "u1", "op": "reboot"}', "unknown_op", "u1"),
+        (b'{"id": "s1", "op": "rollback"}', "schema", "s1"),
+        (b'{"id": "s2", "op": "ping", "extra": 1}', "schema", "s2"),
+        (
+            b'{"id": "big", "op": "ping", "pad": "' + b"x" * p.MAX_COMMAND_BYTES + b'"}',
+            "too_large",
+            "",
+        ),
+        (b"\xff\xfe\x00", "bad_json", ""),
+    ],
+)
+def test_malformed_commands_get_failed_replies(
+    plane: Plane, payload: bytes, code: str, reply_id: str
+) -> None:
+    plane.send(payload)
+    reply = plane.final(reply_id)
+    assert (reply["status"], reply["code"]) == ("failed", code)
+    assert reply["message"]
+
+
+def test_expired_command_is_refused(plane: Plane) -> None:
+    plane.send({"id": "e1", "op": "ping", "expires_at": time.time() - 60})
+    reply = plane.final("e1")
+    assert (reply["status"], reply["code"]) == ("failed", "expired")
+
+
+def test_repeated_id_is_answered_but_not_executed_twice(tmp_path: Path) -> None:
+    plane = Plane(tmp_path)
+    plane.dispatcher.start()
+    plane.send({"id": "r1", "op": "rollback", "model": "digits"})
+    assert plane.final("r1")["status"] == "done"
+    plane.dispatcher.stop()
+    # Ids survive a restart of the agent.
+    again = Plane(tmp_path)
+    again.dispatcher.start()
+    try:
+        again.send({"id": "r1", "op": "rollback", "model": "digits"})
+        reply = again.final("r1")
+        assert (reply["status"], reply["code"]) == ("failed", "duplicate")
+        assert reply["data"]["original"]["status"] == "done"
+        assert again.target.calls == []
+        assert plane.target.calls == [("rollback", "digits")]
+    finally:
+        again.dispatcher.stop()
+
+
+def test_response_topic_and_correlation_data_are_honoured(plane: Plane) -> None:
+    plane.send(
+        {"id": "c1", "op": "ping"}, response_topic="console/7/replies", correlation_data=b"k"
+    )
+    reply = plane.final("c1", topic="console/7/replies")
+    assert reply["status"] == "done"
+    sent = [m for m in plane.link.published if m.topic == "console/7/replies"]
+    assert {m.correlation_data for m in sent} == {b"k"}
+
+
+def test_target_failures_become_coded_replies(plane: Plane) -> None:
+    plane.send({"id": "cf1", "op": "config", "changes": {"bad": 1}})
+    assert plane.final("cf1")["code"] == "config_rejected"
+    plane.send({"id": "rs1", "op": "restart"})
+    reply = plane.final("rs1")
+    assert (reply["code"], reply["message"]) == ("internal", "internal error: boom")
+    plane.send({"id": "cf2", "op": "config", "changes": {"telemetry.interval_s": 5}})
+    assert plane.final("cf2")["data"] == {"applied": ["telemetry.interval_s"]}
+
+
+def _deploy(command_id: str, url: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    manifest = {
+        "name": "digits",
+        "version": "2",
+        "model": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)},
+    }
+    return {
+        "id": command_id,
+        "op": "deploy",
+        "manifest": manifest,
+        "artifact": {"kind": "url", "url": url},
+        **extra,
+    }
+
+
+def test_deploy_from_a_file_url_reaches_the_target(tmp_path: Path) -> None:
+    plane = Plane(tmp_path, transfer={"allowed_schemes": ["file"]})
+    plane.dispatcher.start()
+    try:
+        model = tmp_path / "model.tflite"
+        model.write_bytes(b"TFL3" * 1000)
+        plane.send(_deploy("d1", model.as_uri(), model.read_bytes()))
+        reply = plane.final("d1")
+        assert reply["status"] == "done", reply
+        assert reply["data"] == {"model": "digits", "version": "2"}
+        assert plane.target.model_bytes == [model.read_bytes()]
+        stages = [r.get("stage") for r in plane.replies("d1") if r["status"] == "progress"]
+        assert stages[0] == "downloading" and "validating" in stages
+        assert plane.changed == 1
+        # The downloaded file is gone afterwards.
+        assert list((plane.config.state_dir / "tmp").iterdir()) == []
+    finally:
+        plane.dispatcher.stop()
+
+
+def test_deploy_with_a_wrong_checksum_never_reaches_the_target(tmp_path: Path) -> None:
+    plane = Plane(tmp_path, transfer={"allowed_schemes": ["file"]})
+    plane.dispatcher.start()
+    try:
+        model = tmp_path / "model.tflite"
+        model.write_bytes(b"TFL3" * 10)
+        plane.send(_deploy("d2", model.as_uri(), b"other bytes!" * 3 + b"abcd"))
+        reply = plane.final("d2")
+        assert reply["code"] == "checksum_mismatch", reply
+        assert plane.target.calls == []
+    finally:
+        plane.dispatcher.stop()
+
+
+def test_ping_and_status_are_answered_during_a_long_deploy(tmp_path: Path) -> None:
+    plane = Plane(tmp_path, transfer={"allowed_schemes": ["file"]})
+    plane.dispatcher.start()
+    try:
+        model = tmp_path / "model.tflite"
+        model.write_bytes(b"TFL3")
+        plane.target.release.clear()
+        plane.send(_deploy("slow", model.as_uri(), b"TFL3"))
+        plane.link.wait_for(
+            lambda _: any(r.get("stage") == "validating" for r in plane.replies("slow"))
+        )
+        plane.send({"id": "pg", "op": "ping"})
+        plane.send({"id": "st", "op": "status"})
+        assert plane.final("pg")["status"] == "done"
+        status = plane.final("st")
+        assert status["data"]["models"][0]["name"] == "digits"
+        assert not any(r["status"] == "done" for r in plane.replies("slow"))
+        plane.target.release.set()
+        assert plane.final("slow")["status"] == "done"
+    finally:
+        plane.target.release.set()
+        plane.dispatcher.stop()
+
+
+def test_deploy_failure_from_target_is_reported_with_its_code(tmp_path: Path) -> None:
+    plane = Plane(tmp_path, transfer={"allowed_schemes": ["file"]})
+    plane.dispatcher.start()
+    try:
+        model = tmp_path / "model.tflite"
+        model.write_bytes(b"TFL3")
+        plane.target.fail_with = p.CommandFailed(p.ReplyCode.VALIDATION_FAILED, "invoke crashed")
+        plane.send(_deploy("d3", model.as_uri(), b"TFL3"))
+        reply = plane.final("d3")
+        assert (reply["code"], reply["message"]) == ("validation_failed", "invoke crashed")
+    finally:
+        plane.dispatcher.stop()
+
+
+# ------------------------------------------------------------------- signed commands
+
+
+@pytest.fixture
+def signed_plane(tmp_path: Path) -> Any:
+    key = Ed25519PrivateKey.generate()
+    pub = tmp_path / "commands.pub"
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    plane = Plane(tmp_path, mqtt={"require_signed_commands": True, "command_keys": [str(pub)]})
+    plane.dispatcher.start()
+    yield plane, key
+    plane.dispatcher.stop()
+
+
+def _signed(key: Ed25519PrivateKey, command_id: str, **auth: Any) -> dict[str, Any]:
+    fields = {"target": "device/pi-1", "ts": time.time(), "nonce": f"nonce-{command_id}", **auth}
+    return sign_command({"id": command_id, "op": "ping", "auth": fields}, key)
+
+
+def test_signed_command_is_obeyed_and_its_replay_refused(signed_plane: Any) -> None:
+    plane, key = signed_plane
+    command = _signed(key, "s1")
+    plane.send(command)
+    assert plane.final("s1")["status"] == "done"
+    # Same nonce under a new id: the signature no longer matches; same bytes: replay.
+    plane.send({**command, "id": "s1b"})
+    assert plane.final("s1b")["code"] == "bad_signature"
+    plane.send(_signed(key, "s2", nonce="nonce-s1"))
+    reply = plane.final("s2")
+    assert (reply["code"], "replay" in reply["message"]) == ("bad_signature", True)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"target": "device/pi-2"}, "not for this device"),
+        ({"target": "group/garage"}, "not for this device"),
+        ({"ts": time.time() - 3600}, "signed"),
+    ],
+)
+def test_signed_commands_for_others_or_stale_are_refused(
+    signed_plane: Any, change: dict[str, Any], words: str
+) -> None:
+    plane, key = signed_plane
+    plane.send(_signed(key, "x1", **change))
+    reply = plane.final("x1")
+    assert reply["code"] == "bad_signature" and words in reply["message"]
+
+
+def test_unsigned_or_foreign_signed_commands_are_refused(signed_plane: Any) -> None:
+    plane, _key = signed_plane
+    plane.send({"id": "u1", "op": "ping"})
+    assert "unsigned" in plane.final("u1")["message"]
+    plane.send(_signed(Ed25519PrivateKey.generate(), "u2"))
+    assert "does not verify" in plane.final("u2")["message"]
+    plane.send(_signed(Ed25519PrivateKey.generate(), "u3", target="group/kitchen"))
+    assert plane.final("u3")["code"] == "bad_signature"
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_commandish = st.fixed_dictionaries(
+    {"id": st.text(max_size=10) | st.integers(), "op": st.sampled_from([*p.COMMAND_OPS, "nope"])},
+    optional={
+        "model": _json,
+        "changes": _json,
+        "manifest": _json,
+        "artifact": _json
+        | st.fixed_dictionaries(
+            {"kind": st.sampled_from(["url", "mqtt", "http"]), "url": st.text(max_size=30)}
+        ),
+        "expires_at": st.floats(allow_nan=False) | st.text(max_size=5),
+        "pipeline": _json,
+        "to_version": _json,
+        "auth": _json,
+    },
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    payload=st.binary(max_size=200)
+    | _json.map(lambda v: json.dumps(v).encode())
+    | _commandish.map(lambda v: json.dumps(v).encode())
+)
+def test_every_fuzzed_payload_gets_a_final_reply(plane: Plane, payload: bytes) -> None:
+    token = base64.b64encode(hashlib.sha256(payload + str(time.monotonic()).encode()).digest()[:9])
+    plane.send(payload, response_topic="fuzz/replies", correlation_data=token)
+
+    def answered(pub: list[Published]) -> bool:
+        return any(
+            m.correlation_data == token and json.loads(m.payload)["status"] in ("done", "failed")
+            for m in pub
+            if m.topic == "fuzz/replies"
+        )
+
+    plane.link.wait_for(answered, timeout=20)
+    # And the plane still answers.
+    plane.send({"id": "alive", "op": "ping"}, response_topic="fuzz/alive", correlation_data=token)
+    plane.link.wait_for(
+        lambda pub: any(m.topic == "fuzz/alive" and m.correlation_data == token for m in pub)
+    )
