@@ -1,0 +1,1 @@
+"""Inference loops: frame sources, the inference worker, pipelines."""
