@@ -15,8 +15,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.models import runtime as rt  # noqa: E402
-from agent.models import validate_child  # noqa: E402
+from agent.models import runtime as rt
+from agent.models import validate_child
 
 
 def _faulty_loader(mode: str) -> Any:

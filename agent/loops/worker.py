@@ -147,7 +147,7 @@ def _release(model: ServedModel | None) -> None:
 
 
 class InferenceWorker:
-    """Serves ``model_name`` on pipeline ``pipeline``: frames from ``frames``, results to ``sink``."""
+    """Serves ``model_name`` on ``pipeline``: frames from ``frames``, results to ``sink``."""
 
     def __init__(
         self,

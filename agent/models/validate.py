@@ -207,7 +207,10 @@ class Validator:
             )
         if not report.get("ok"):
             if report.get("kind") == "oom":
-                reason = f"out of memory (limit {self.memory_mb} MB) while loading the model"
+                reason = (
+                    f"out of memory (limit {self.memory_mb} MB) while loading the model: "
+                    f"{report.get('error')}"
+                )
             else:
                 reason = str(report.get("error", "unknown error"))
             raise ValidationFailed(ReplyCode.VALIDATION_FAILED, reason)

@@ -24,6 +24,8 @@ import numpy as np
 
 from agent.models import runtime as rt
 
+_ENOMEM_MARKS = ("error '12'", "Cannot allocate memory", "ENOMEM", "bad_alloc")
+
 
 def _limit_memory(memory_mb: int) -> None:
     limit = memory_mb * 1024 * 1024
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         report = {"ok": False, "kind": "oom", "error": "out of memory"}
     except Exception as exc:  # every refusal becomes a reason for the parent
         text = str(exc).strip().splitlines()
-        report = {"ok": False, "kind": "error", "error": text[0] if text else type(exc).__name__}
+        first = text[0] if text else type(exc).__name__
+        # The runtimes report a failed mmap/malloc under the limit as a load error (errno 12).
+        oom = any(mark in first for mark in _ENOMEM_MARKS)
+        report = {"ok": False, "kind": "oom" if oom else "error", "error": first}
     sys.stdout.write("\n" + json.dumps(report) + "\n")
     sys.stdout.flush()
     return 0 if report["ok"] else 1
