@@ -1,0 +1,551 @@
+"""The model lifecycle: store -> validate -> swap -> probation -> last-known-good or rollback.
+
+``ModelLifecycle`` is the model half of the command plane's ``CommandTarget``
+(``deploy``, ``rollback``, ``model_states``). It reaches the inference workers only
+through ``ModelServer`` (agent.models.serving), so ``agent.models`` never imports
+``agent.loops``.
+
+Decisions:
+- Deploys and rollbacks of one model are serialised: a second one while one runs is
+  refused with ``busy`` (the console retries), never queued behind a probation that
+  may take minutes. Different models proceed in parallel.
+- A version that fails validation is removed from the store again (unless it was
+  already stored before this deploy); one that fails probation is kept, for a post-mortem.
+- Probation ends when ``duration_s`` has passed and every serving pipeline has made
+  ``min_inferences``. A version that cannot reach that many within
+  ``max(3 x duration_s, duration_s + 60 s)`` fails probation: a version nobody saw
+  work is not trusted.
+- A manual rollback target is validated again (a child process) and, once serving,
+  becomes last-known-good: the operator vouched for it.
+- At start-up the active version must pass the sha256 check and validation; then the
+  last-known-good one, then any other stored version, newest first. When none does,
+  the pipelines run without that model and ``model_states`` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.config import AgentConfig, ProbationConfig
+from agent.models.manifest import ManifestError, load_public_key, parse_manifest
+from agent.models.serving import ModelServer, ServingStats, SwapDone
+from agent.models.store import ModelStore, StoredVersion, StoreError, check_component
+from agent.models.validate import Requirements, ValidationFailed, Validator, check_fit
+from agent.protocol import CommandFailed, ModelState, Progress, ReplyCode
+
+__all__ = ["ModelLifecycle", "ModelServer", "ServingStats", "SwapDone"]
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["serving", "probation", "degraded", "absent"]
+
+
+class _SwapFailed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _ModelStatus:
+    status: Status
+    message: str | None = None
+
+
+def _no_progress(stage: str, percent: float | None) -> None:
+    pass
+
+
+class ModelLifecycle:
+    """Owns the model decisions of the agent; see the module docstring."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        validator: Validator,
+        servers: Sequence[ModelServer] = (),
+        *,
+        probation: ProbationConfig | None = None,
+        swap_timeout_s: float = 120.0,
+        poll_s: float = 0.1,
+        on_change: Callable[[], None] | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        self.store = store
+        self.validator = validator
+        self.servers = list(servers)
+        self.probation = probation or ProbationConfig()
+        self.swap_timeout_s = swap_timeout_s
+        self._poll_s = poll_s
+        self._on_change = on_change
+        self._stop = stop_event or threading.Event()
+        self._locks_guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._status: dict[str, _ModelStatus] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: AgentConfig,
+        servers: Sequence[ModelServer] = (),
+        **kwargs: Any,
+    ) -> ModelLifecycle:
+        """The lifecycle as the config describes it (trusted keys are read here)."""
+        m = config.models
+        store = ModelStore(
+            config.state_dir,
+            trusted_keys=[load_public_key(p) for p in m.trusted_keys],
+            require_signature=m.require_signature,
+            keep_versions=m.keep_versions,
+        )
+        validator = Validator(
+            runtime=config.runtime.prefer,
+            num_threads=config.runtime.num_threads,
+            timeout_s=m.validation.timeout_s,
+            memory_mb=m.validation.memory_mb,
+        )
+        return cls(store, validator, servers, probation=m.probation, **kwargs)
+
+    # ------------------------------------------------------------------ CommandTarget
+
+    def deploy(
+        self,
+        manifest: dict[str, Any],
+        signature: str | None,
+        model_file: Path,
+        pipeline: str | None,
+        progress: Progress,
+    ) -> dict[str, Any]:
+        name = self._name_of(manifest)
+        servers = self._servers_for(name, pipeline)
+        with self._exclusive(name, "deploy"):
+            return self._deploy(name, manifest, signature, model_file, servers, progress)
+
+    def rollback(self, model: str, to_version: str | None, progress: Progress) -> dict[str, Any]:
+        try:
+            check_component(model, "model name")
+            if to_version is not None:
+                check_component(to_version, "version")
+        except StoreError as exc:
+            raise CommandFailed(ReplyCode.NOT_FOUND, exc.message) from None
+        with self._exclusive(model, "rollback"):
+            return self._rollback(model, to_version, progress)
+
+    def model_states(self) -> list[ModelState]:
+        names = set(self.store.names()) | {s.model_name for s in self.servers}
+        names |= set(self._status)
+        states = []
+        for name in sorted(names):
+            rec = self.store.record(name)
+            status = self._status.get(name) or _ModelStatus("serving" if rec.active else "absent")
+            states.append(
+                ModelState(
+                    name=name,
+                    active=rec.active,
+                    last_known_good=rec.last_known_good,
+                    status=status.status,
+                    versions=rec.installed,
+                    message=status.message,
+                )
+            )
+        return states
+
+    # ------------------------------------------------------------------ start-up
+
+    def start(self) -> None:
+        """Open the store and bring every model to a serving version; never raises."""
+        self.store.open()
+        names = set(self.store.names()) | {s.model_name for s in self.servers}
+        for name in sorted(names):
+            try:
+                with self._exclusive(name, "start-up recovery"):
+                    self._recover(name)
+            except Exception as exc:  # one model's trouble must not stop the agent
+                logger.exception("start-up recovery of model %s failed", name)
+                self._set_status(name, "degraded", f"start-up recovery failed: {exc}")
+
+    def stop(self) -> None:
+        """Cut a running probation short (the version is not marked good)."""
+        self._stop.set()
+
+    def _recover(self, name: str) -> None:
+        rec = self.store.record(name)
+        servers = [s for s in self.servers if s.model_name == name]
+        candidates: list[str] = []
+        for v in [rec.active, rec.last_known_good, *reversed(rec.installed)]:
+            if v is not None and v not in candidates:
+                candidates.append(v)
+        failures: list[str] = []
+        for version in candidates:
+            try:
+                stored = self.store.get(name, version, verify=True)
+                self._validate(stored, servers, use_current=False)
+                self._swap_all(servers, version, stored.model_path)
+            except (StoreError, ValidationFailed, _SwapFailed) as exc:
+                reason = exc.message if isinstance(exc, StoreError | ValidationFailed) else exc
+                failures.append(f"{version}: {reason}")
+                logger.warning("model %s version %s cannot serve: %s", name, version, reason)
+                continue
+            if version != rec.active:
+                self.store.set_active(name, version)
+                kind = "last-known-good" if version == rec.last_known_good else "stored"
+                self._set_status(
+                    name,
+                    "degraded",
+                    f"active version {rec.active} failed ({'; '.join(failures)}); "
+                    f"serving {kind} version {version}",
+                )
+            else:
+                self._set_status(name, "serving")
+            logger.info("model %s: serving version %s", name, version)
+            return
+        if rec.active is not None:
+            self.store.set_active(name, None)
+        if failures:
+            message = f"no valid version ({'; '.join(failures)}); running without model {name}"
+            self._set_status(name, "degraded", message)
+            logger.error("model %s: %s", name, message)
+        else:
+            self._set_status(name, "absent", f"no version of model {name} is stored")
+
+    # ------------------------------------------------------------------ deploy
+
+    def _deploy(
+        self,
+        name: str,
+        manifest: dict[str, Any],
+        signature: str | None,
+        model_file: Path,
+        servers: list[ModelServer],
+        progress: Progress,
+    ) -> dict[str, Any]:
+        before = self.store.record(name)
+        progress("installing", None)
+        try:
+            stored = self.store.install(manifest, signature, model_file)
+        except StoreError as exc:
+            raise CommandFailed(exc.code, exc.message) from None
+        version = stored.version
+        previous = before.active
+        pipelines = [s.pipeline for s in servers]
+        if previous == version and all(s.serving_version() == version for s in servers):
+            return {"model": name, "version": version, "previous": previous, "unchanged": True}
+
+        progress("validating", None)
+        try:
+            self._validate(stored, servers, use_current=True)
+        except ValidationFailed as exc:
+            if version not in before.installed:
+                self._remove_quietly(name, version)
+            raise CommandFailed(exc.code, f"{name} {version}: {exc.message}") from None
+
+        baseline = {s.pipeline: self._stats_of(s, previous) for s in servers}
+        progress("swapping", None)
+        try:
+            self._swap_all(servers, version, stored.model_path)
+        except _SwapFailed as exc:
+            self._restore(name, servers, previous)
+            raise CommandFailed(ReplyCode.VALIDATION_FAILED, f"{name} {version}: {exc}") from None
+        try:
+            self.store.set_active(name, version)
+        except StoreError as exc:
+            self._restore(name, servers, previous)
+            raise CommandFailed(exc.code, exc.message) from None
+        self._set_status(name, "probation", f"version {version} on probation")
+
+        progress("probation", None)
+        problem, figures = self._probation(servers, version, baseline)
+        if problem is not None:
+            target = self._rollback_after_probation(name, version, servers, problem)
+            raise CommandFailed(
+                ReplyCode.PROBATION_FAILED,
+                f"{name} {version} failed probation: {problem}; "
+                + (f"rolled back to {target}" if target else "no version to roll back to"),
+                {"model": name, "version": version, "rolled_back_to": target},
+            )
+        try:
+            self.store.mark_good(name, version)
+        except StoreError as exc:
+            logger.warning("model %s %s serves but is not marked good: %s", name, version, exc)
+        self._set_status(name, "serving")
+        logger.info("model %s version %s passed probation", name, version)
+        return {
+            "model": name,
+            "version": version,
+            "previous": previous,
+            "pipelines": pipelines,
+            "probation": figures,
+        }
+
+    def _probation(
+        self,
+        servers: list[ModelServer],
+        version: str,
+        baseline: dict[str, ServingStats | None],
+    ) -> tuple[str | None, dict[str, Any]]:
+        """(reason it failed or None, figures per pipeline)."""
+        p = self.probation
+        start = time.monotonic()
+        hard_limit = max(3 * p.duration_s, p.duration_s + 60.0)
+        figures: dict[str, Any] = {}
+        while True:
+            elapsed = time.monotonic() - start
+            enough = True
+            for server in servers:
+                stats = server.stats(version)
+                if stats is None:
+                    return f"pipeline {server.pipeline} is not serving it", figures
+                figures[server.pipeline] = {
+                    "invokes": stats.invokes,
+                    "errors": stats.errors,
+                    "nonfinite": stats.nonfinite,
+                    "p95_ms": stats.p95_ms,
+                }
+                where = f"on pipeline {server.pipeline}"
+                if stats.errors:
+                    return (
+                        f"{stats.errors} invoke errors {where} ({stats.last_error})",
+                        figures,
+                    )
+                if stats.nonfinite:
+                    return f"{stats.nonfinite} NaN/inf outputs {where}", figures
+                enough = enough and stats.invokes >= p.min_inferences
+            if elapsed >= p.duration_s and enough:
+                return self._latency_problem(servers, version, baseline), figures
+            if elapsed >= hard_limit:
+                return (
+                    f"fewer than {p.min_inferences} inferences in {elapsed:.0f}s",
+                    figures,
+                )
+            if self._stop.wait(self._poll_s):
+                return "the agent stopped during probation", figures
+
+    def _latency_problem(
+        self, servers: list[ModelServer], version: str, baseline: dict[str, ServingStats | None]
+    ) -> str | None:
+        ratio = self.probation.max_latency_ratio
+        for server in servers:
+            before = baseline.get(server.pipeline)
+            now = server.stats(version)
+            if before is None or now is None or before.p95_ms is None or now.p95_ms is None:
+                continue
+            if now.p95_ms > ratio * before.p95_ms:
+                return (
+                    f"p95 invoke latency {now.p95_ms:.2f} ms on pipeline {server.pipeline} is "
+                    f"over {ratio:g}x the previous version's {before.p95_ms:.2f} ms"
+                )
+        return None
+
+    def _rollback_after_probation(
+        self, name: str, failed: str, servers: list[ModelServer], problem: str
+    ) -> str | None:
+        rec = self.store.record(name)
+        candidates = [rec.last_known_good] if rec.last_known_good not in (None, failed) else []
+        candidates += [v for v in reversed(rec.installed) if v not in (failed, *candidates)]
+        for version in candidates:
+            assert version is not None
+            try:
+                stored = self.store.get(name, version, verify=True)
+                if version != rec.last_known_good:
+                    self._validate(stored, servers, use_current=False)
+                self._swap_all(servers, version, stored.model_path)
+                self.store.set_active(name, version)
+            except (StoreError, ValidationFailed, _SwapFailed) as exc:
+                logger.warning("model %s: cannot roll back to %s: %s", name, version, exc)
+                continue
+            self._set_status(
+                name, "serving", f"version {failed} failed probation ({problem}); rolled back"
+            )
+            logger.warning(
+                "model %s %s failed probation (%s); rolled back to %s",
+                name,
+                failed,
+                problem,
+                version,
+            )
+            return version
+        try:
+            self._swap_all(servers, None, None)
+            self.store.set_active(name, None)
+        except (StoreError, _SwapFailed) as exc:
+            logger.error("model %s: cannot unload %s: %s", name, failed, exc)
+        self._set_status(
+            name,
+            "degraded",
+            f"version {failed} failed probation ({problem}); no version to roll back to, "
+            f"running without model {name}",
+        )
+        return None
+
+    # ------------------------------------------------------------------ rollback
+
+    def _rollback(self, name: str, to_version: str | None, progress: Progress) -> dict[str, Any]:
+        rec = self.store.record(name)
+        if not rec.installed:
+            raise CommandFailed(ReplyCode.NOT_FOUND, f"model {name} is not stored on this device")
+        target = to_version
+        if target is None:
+            target = next(
+                (
+                    v
+                    for v in (rec.previous, rec.last_known_good)
+                    if v is not None and v != rec.active and v in rec.installed
+                ),
+                None,
+            )
+            if target is None:
+                raise CommandFailed(
+                    ReplyCode.NOT_FOUND, f"model {name} has no previous version to roll back to"
+                )
+        servers = [s for s in self.servers if s.model_name == name]
+        if target == rec.active and all(s.serving_version() == target for s in servers):
+            return {"model": name, "version": target, "previous": rec.active, "unchanged": True}
+        try:
+            stored = self.store.get(name, target, verify=True)
+        except StoreError as exc:
+            raise CommandFailed(exc.code, exc.message) from None
+        progress("validating", None)
+        try:
+            self._validate(stored, servers, use_current=False)
+        except ValidationFailed as exc:
+            raise CommandFailed(exc.code, f"{name} {target}: {exc.message}") from None
+        progress("swapping", None)
+        try:
+            self._swap_all(servers, target, stored.model_path)
+        except _SwapFailed as exc:
+            self._restore(name, servers, rec.active)
+            raise CommandFailed(ReplyCode.VALIDATION_FAILED, f"{name} {target}: {exc}") from None
+        try:
+            self.store.set_active(name, target)
+            self.store.mark_good(name, target)
+        except StoreError as exc:
+            raise CommandFailed(exc.code, exc.message) from None
+        self._set_status(name, "serving", f"rolled back to {target} by command")
+        logger.info("model %s rolled back from %s to %s", name, rec.active, target)
+        return {
+            "model": name,
+            "version": target,
+            "previous": rec.active,
+            "pipelines": [s.pipeline for s in servers],
+        }
+
+    # ------------------------------------------------------------------ helpers
+
+    def _name_of(self, manifest: dict[str, Any]) -> str:
+        name = manifest.get("name") if isinstance(manifest, dict) else None
+        if name is None:
+            try:
+                parse_manifest(manifest)  # names every missing or bad key
+            except ManifestError as exc:
+                raise CommandFailed(ReplyCode.BAD_MANIFEST, str(exc)) from None
+        try:
+            return check_component(name, "model name")
+        except StoreError as exc:
+            raise CommandFailed(exc.code, exc.message) from None
+
+    def _servers_for(self, name: str, pipeline: str | None) -> list[ModelServer]:
+        if pipeline is None:
+            return [s for s in self.servers if s.model_name == name]
+        for server in self.servers:
+            if server.pipeline == pipeline:
+                if server.model_name != name:
+                    raise CommandFailed(
+                        ReplyCode.INCOMPATIBLE,
+                        f"pipeline {pipeline} serves model {server.model_name}, not {name}",
+                    )
+                return [server]
+        raise CommandFailed(ReplyCode.NOT_FOUND, f"no pipeline named {pipeline}")
+
+    def _exclusive(self, name: str, what: str) -> _Held:
+        with self._locks_guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        if not lock.acquire(blocking=False):
+            raise CommandFailed(
+                ReplyCode.BUSY,
+                f"model {name} is busy with another deploy or rollback; retry the {what} later",
+            )
+        return _Held(lock)
+
+    def _validate(
+        self, stored: StoredVersion, servers: list[ModelServer], *, use_current: bool
+    ) -> None:
+        """Run the child once, then check the fit for every pipeline that will serve it."""
+        report = self.validator.run(stored.model_path)
+        requirements: list[Requirements | None] = [s.requirements() for s in servers]
+        if use_current and None in requirements:
+            current = self._current_requirements(stored.name)
+            requirements = [r if r is not None else current for r in requirements]
+        for req in dict.fromkeys(requirements) or [None]:
+            check_fit(report, stored.manifest, req)
+
+    def _current_requirements(self, name: str) -> Requirements | None:
+        active = self.store.record(name).active
+        if active is None:
+            return None
+        try:
+            return Requirements.of(self.store.get(name, active).manifest)
+        except StoreError:
+            return None
+
+    def _swap_all(
+        self, servers: list[ModelServer], version: str | None, path: Path | None
+    ) -> list[SwapDone]:
+        futures = [(s, s.swap(version, path)) for s in servers]
+        done, errors = [], []
+        for server, future in futures:
+            try:
+                done.append(future.result(self.swap_timeout_s))
+            except FutureTimeout:
+                errors.append(f"pipeline {server.pipeline}: swap timed out")
+            except Exception as exc:
+                errors.append(f"pipeline {server.pipeline}: {exc}")
+        if errors:
+            raise _SwapFailed("; ".join(errors))
+        return done
+
+    def _restore(self, name: str, servers: list[ModelServer], version: str | None) -> None:
+        """Put ``version`` back on the pipelines after a failed swap (best effort)."""
+        back = [s for s in servers if s.serving_version() != version]
+        if not back:
+            return
+        try:
+            path = self.store.get(name, version).model_path if version else None
+            self._swap_all(back, version, path)
+        except (StoreError, _SwapFailed) as exc:
+            logger.error("model %s: cannot put %s back: %s", name, version, exc)
+
+    @staticmethod
+    def _stats_of(server: ModelServer, version: str | None) -> ServingStats | None:
+        return server.stats(version) if version is not None else None
+
+    def _remove_quietly(self, name: str, version: str) -> None:
+        try:
+            self.store.remove(name, version)
+        except (StoreError, OSError) as exc:
+            logger.warning("cannot remove rejected %s %s: %s", name, version, exc)
+
+    def _set_status(self, name: str, status: Status, message: str | None = None) -> None:
+        self._status[name] = _ModelStatus(status, message)
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:
+                logger.exception("model state listener failed")
+
+
+class _Held:
+    """A lock already acquired, released when the ``with`` block ends."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()

@@ -1,0 +1,463 @@
+"""The on-device model store: verified versions on disk, active and last-known-good.
+
+Layout under the state directory::
+
+    models/<name>/<version>/{model.tflite, manifest.json, manifest.sig}
+    models/state.json          active, last-known-good, previous and install order per model
+    models/.incoming/          temp dirs of installs in progress (same filesystem)
+
+An install is built in ``.incoming``, fsynced, checked (size, sha256, Ed25519 signature)
+and only then renamed into place, so a crash or a bad file never leaves a half-written
+version where the agent would look for one. Leftovers of a crash are removed when the
+store is opened. The state file is replaced atomically (write temp, fsync, rename).
+
+The store owns these files: everything else asks it. Its methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.models.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SIGNATURE_FILE,
+    BundleError,
+    ChecksumError,
+    Manifest,
+    ManifestError,
+    SignatureError,
+    check_model_file,
+    load_manifest_data,
+    parse_manifest,
+    verify_signature,
+)
+from agent.protocol import ReplyCode
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+INCOMING_DIR = ".incoming"
+_COPY_CHUNK = 1 << 20
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# Writes ``data`` to the file descriptor and returns the bytes written, like os.write.
+# The store's one seam to the disk for writes, so a test can fill the disk (ENOSPC).
+WriteFn = Callable[[int, bytes], int]
+
+
+class StoreError(Exception):
+    """An install or lookup the store refuses; ``code`` is the reply code to answer with."""
+
+    def __init__(self, code: ReplyCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    name: str
+    version: str
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+
+@dataclass
+class ModelRecord:
+    """What the state file remembers of one model."""
+
+    active: str | None = None
+    last_known_good: str | None = None
+    previous: str | None = None
+    installed: list[str] = field(default_factory=list)  # install order, oldest first
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "active": self.active,
+            "last_known_good": self.last_known_good,
+            "previous": self.previous,
+            "installed": list(self.installed),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelRecord:
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            return value if isinstance(value, str) and _SAFE.match(value) else None
+
+        installed = data.get("installed")
+        return cls(
+            active=text("active"),
+            last_known_good=text("last_known_good"),
+            previous=text("previous"),
+            installed=[v for v in installed if isinstance(v, str) and _SAFE.match(v)]
+            if isinstance(installed, list)
+            else [],
+        )
+
+
+def check_component(value: object, what: str) -> str:
+    """A model name or version that is safe as one directory name."""
+    if not isinstance(value, str) or not _SAFE.match(value) or value in (".", ".."):
+        raise StoreError(
+            ReplyCode.BAD_MANIFEST,
+            f"{what} {value!r} may hold only letters, digits, '.', '_' and '-' "
+            "and must start with a letter or digit",
+        )
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelStore:
+    """Model versions under ``<state_dir>/models``; see the module docstring."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        trusted_keys: Iterable[Ed25519PublicKey] = (),
+        require_signature: bool = True,
+        keep_versions: int = 3,
+        write: WriteFn = os.write,
+    ) -> None:
+        self.root = Path(state_dir) / "models"
+        self._keys = list(trusted_keys)
+        self._require_signature = require_signature
+        self._keep = max(1, keep_versions)
+        self._write = write
+        self._lock = threading.RLock()
+        self._records: dict[str, ModelRecord] | None = None
+
+    # ------------------------------------------------------------------ opening
+
+    def open(self) -> None:
+        """Create the directories, drop leftovers of interrupted installs, read the state."""
+        with self._lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            incoming = self.root / INCOMING_DIR
+            if incoming.exists():
+                shutil.rmtree(incoming, ignore_errors=True)
+            for stale in self.root.glob(f".{STATE_FILE}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            self._records = self._read_state()
+
+    def _read_state(self) -> dict[str, ModelRecord]:
+        path = self.root / STATE_FILE
+        records: dict[str, ModelRecord] = {}
+        try:
+            data = json.loads(path.read_bytes())
+            models = data.get("models", {}) if isinstance(data, dict) else {}
+            for name, rec in models.items():
+                if isinstance(name, str) and _SAFE.match(name) and isinstance(rec, dict):
+                    records[name] = ModelRecord.from_json(rec)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            # The versions on disk are still there; recovery picks one of them.
+            logger.warning("model state file %s unreadable (%s); starting afresh", path, exc)
+        # Versions found on disk but missing from the install order go first (oldest).
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if model_dir.name.startswith(".") or not _SAFE.match(model_dir.name):
+                continue
+            rec = records.setdefault(model_dir.name, ModelRecord())
+            on_disk = sorted(
+                (d for d in model_dir.iterdir() if d.is_dir() and _SAFE.match(d.name)),
+                key=lambda d: d.stat().st_mtime,
+            )
+            known = set(rec.installed)
+            rec.installed = [d.name for d in on_disk if d.name not in known] + [
+                v for v in rec.installed if (model_dir / v).is_dir()
+            ]
+        return records
+
+    @property
+    def records(self) -> dict[str, ModelRecord]:
+        if self._records is None:
+            self.open()
+        assert self._records is not None
+        return self._records
+
+    # ------------------------------------------------------------------ queries
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, r in self.records.items() if r.installed or r.active)
+
+    def record(self, name: str) -> ModelRecord:
+        """A copy of what the store knows of ``name`` (empty when unknown)."""
+        with self._lock:
+            rec = self.records.get(name, ModelRecord())
+            return ModelRecord(rec.active, rec.last_known_good, rec.previous, list(rec.installed))
+
+    def versions(self, name: str) -> list[str]:
+        """Installed versions, oldest first."""
+        return self.record(name).installed
+
+    def get(self, name: str, version: str, *, verify: bool = False) -> StoredVersion:
+        """An installed version; with ``verify`` its model file is re-hashed against the manifest.
+
+        Raises ``StoreError`` (not_found, bad_manifest, checksum_mismatch).
+        """
+        check_component(name, "model name")
+        check_component(version, "version")
+        path = self.root / name / version
+        if not path.is_dir():
+            raise StoreError(ReplyCode.NOT_FOUND, f"model {name} version {version} is not stored")
+        try:
+            manifest = parse_manifest(load_manifest_data(path / MANIFEST_FILE))
+            if verify:
+                check_model_file(path / MODEL_FILE, manifest)
+        except ChecksumError as exc:
+            raise StoreError(ReplyCode.CHECKSUM_MISMATCH, f"{name} {version}: {exc}") from None
+        except BundleError as exc:
+            raise StoreError(ReplyCode.BAD_MANIFEST, f"{name} {version}: {exc}") from None
+        return StoredVersion(name, version, path, manifest)
+
+    # ------------------------------------------------------------------ install
+
+    def install(
+        self, manifest_data: Mapping[str, Any], signature: str | None, model_file: Path
+    ) -> StoredVersion:
+        """Verify and install one version atomically; ``StoreError`` says why not.
+
+        Installing a version that is already stored with the same sha256 returns it
+        unchanged; with other content it is refused (a version names one file forever).
+        """
+        manifest = self._check_manifest(manifest_data, signature)
+        name, version = manifest.name, manifest.version
+        with self._lock:
+            final = self.root / name / version
+            if final.exists():
+                existing = self.get(name, version)
+                if existing.manifest.model.sha256 != manifest.model.sha256:
+                    raise StoreError(
+                        ReplyCode.BAD_MANIFEST,
+                        f"model {name} version {version} is already installed with other "
+                        "content; give the new model a new version",
+                    )
+                return existing
+            self._check_source(model_file, manifest)
+            incoming = self.root / INCOMING_DIR
+            tmp: Path | None = None
+            try:
+                incoming.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f"{name}-{version}.", dir=incoming))
+                size, digest = self._copy(model_file, tmp / MODEL_FILE)
+                if size != manifest.model.size or digest != manifest.model.sha256:
+                    raise StoreError(
+                        ReplyCode.CHECKSUM_MISMATCH,
+                        f"model file changed while it was installed ({size} bytes, sha256 "
+                        f"{digest[:12]}…); manifest says {manifest.model.size} bytes, "
+                        f"{manifest.model.sha256[:12]}…",
+                    )
+                body = json.dumps(dict(manifest_data), indent=2, sort_keys=True) + "\n"
+                self._write_file(tmp / MANIFEST_FILE, body.encode())
+                if signature is not None:
+                    self._write_file(tmp / SIGNATURE_FILE, signature.strip().encode() + b"\n")
+                _fsync_dir(tmp)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(tmp, final)
+                tmp = None
+                _fsync_dir(final.parent)
+                rec = self.records.setdefault(name, ModelRecord())
+                rec.installed = [v for v in rec.installed if v != version] + [version]
+                self._save_state()
+            except OSError as exc:
+                raise StoreError(
+                    ReplyCode.STORAGE_FAILED,
+                    f"cannot install {name} {version}: {exc.strerror or exc}"
+                    + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+                ) from None
+            finally:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            logger.info("installed model %s version %s", name, version)
+            return StoredVersion(name, version, final, manifest)
+
+    def _check_manifest(self, data: Mapping[str, Any], signature: str | None) -> Manifest:
+        if isinstance(data, Mapping):
+            # Named first, with a store-specific reason, before the generic schema errors.
+            for key, what in (("name", "model name"), ("version", "version")):
+                if key in data:
+                    check_component(data[key], what)
+        try:
+            manifest = parse_manifest(data)
+        except ManifestError as exc:
+            raise StoreError(ReplyCode.BAD_MANIFEST, str(exc)) from None
+        if self._require_signature or (signature is not None and self._keys):
+            try:
+                verify_signature(data, signature, self._keys)
+            except SignatureError as exc:
+                raise StoreError(ReplyCode.BAD_SIGNATURE, str(exc)) from None
+        return manifest
+
+    @staticmethod
+    def _check_source(model_file: Path, manifest: Manifest) -> None:
+        try:
+            size = model_file.stat().st_size
+        except OSError as exc:
+            raise StoreError(
+                ReplyCode.STORAGE_FAILED, f"model file {model_file}: {exc.strerror or exc}"
+            ) from None
+        if size != manifest.model.size:
+            raise StoreError(
+                ReplyCode.CHECKSUM_MISMATCH,
+                f"model file is {size} bytes, manifest says {manifest.model.size} (truncated?)",
+            )
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._write(fd, bytes(view[:_COPY_CHUNK]))
+            if n <= 0:
+                raise OSError(errno.EIO, "write made no progress")
+            view = view[n:]
+
+    def _copy(self, source: Path, dest: Path) -> tuple[int, str]:
+        """Copy through the write seam, hashing what is written; fsync before returning."""
+        digest = hashlib.sha256()
+        size = 0
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            with source.open("rb") as src:
+                while block := src.read(_COPY_CHUNK):
+                    self._write_all(fd, block)
+                    digest.update(block)
+                    size += len(block)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return size, digest.hexdigest()
+
+    def _write_file(self, dest: Path, data: bytes) -> None:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ state
+
+    def _save_state(self) -> None:
+        data = {"models": {n: r.to_json() for n, r in sorted(self.records.items())}}
+        body = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=self.root)
+        tmp = Path(tmp_name)
+        try:
+            try:
+                self._write_all(fd, body)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.root / STATE_FILE)
+            _fsync_dir(self.root)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _update(self, name: str, change: Callable[[ModelRecord], None]) -> None:
+        with self._lock:
+            rec = self.records.setdefault(name, ModelRecord())
+            before = rec.to_json()
+            change(rec)
+            try:
+                self._save_state()
+            except OSError as exc:
+                restored = ModelRecord.from_json(before)
+                self.records[name] = restored
+                raise StoreError(
+                    ReplyCode.STORAGE_FAILED,
+                    f"cannot write the model state file: {exc.strerror or exc}",
+                ) from None
+
+    def set_active(self, name: str, version: str | None) -> None:
+        """Make ``version`` (or nothing) the active one; the old active becomes ``previous``."""
+
+        def change(rec: ModelRecord) -> None:
+            if rec.active != version:
+                if rec.active is not None:
+                    rec.previous = rec.active
+                rec.active = version
+
+        if version is not None:
+            self.get(name, version)
+        self._update(name, change)
+
+    def mark_good(self, name: str, version: str) -> None:
+        """Record ``version`` as last-known-good, then drop versions beyond the K kept."""
+        self.get(name, version)
+
+        def change(rec: ModelRecord) -> None:
+            rec.last_known_good = version
+
+        self._update(name, change)
+        self.prune(name)
+
+    def remove(self, name: str, version: str) -> None:
+        """Delete a stored version; never the active or last-known-good one."""
+        with self._lock:
+            rec = self.records.get(name)
+            if rec is not None and version in (rec.active, rec.last_known_good):
+                raise StoreError(
+                    ReplyCode.INTERNAL,
+                    f"refusing to remove {name} {version}: it is active or last-known-good",
+                )
+            self._remove(name, version)
+
+    def _remove(self, name: str, version: str) -> None:
+        path = self.root / check_component(name, "model name") / check_component(version, "version")
+        if path.exists():
+            # Renamed first so a crash mid-delete never leaves a half version in place.
+            incoming = self.root / INCOMING_DIR
+            incoming.mkdir(parents=True, exist_ok=True)
+            doomed = Path(tempfile.mkdtemp(prefix=f"rm-{name}-{version}.", dir=incoming))
+            os.replace(path, doomed / "v")
+            shutil.rmtree(doomed, ignore_errors=True)
+
+        def change(rec: ModelRecord) -> None:
+            rec.installed = [v for v in rec.installed if v != version]
+            if rec.previous == version:
+                rec.previous = None
+
+        self._update(name, change)
+        logger.info("removed model %s version %s", name, version)
+
+    def prune(self, name: str) -> list[str]:
+        """Keep the newest K versions plus active and last-known-good; returns those removed."""
+        with self._lock:
+            rec = self.records.get(name)
+            if rec is None:
+                return []
+            protected = {rec.active, rec.last_known_good}
+            keep = set(rec.installed[-self._keep :]) | protected
+            doomed = [v for v in rec.installed if v not in keep]
+            for version in doomed:
+                self._remove(name, version)
+            return doomed

@@ -1,0 +1,428 @@
+"""The model lifecycle end to end, on both device runtimes: store, child validation,
+hot-swap on a running worker, probation, rollback and start-up recovery."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.config import ProbationConfig
+from agent.loops.frames import Frame
+from agent.loops.worker import InferenceWorker, ServedModel, feed_tensor
+from agent.models import manifest as mf
+from agent.models.lifecycle import ModelLifecycle, ServingStats, SwapDone
+from agent.models.store import ModelStore
+from agent.models.validate import Requirements, Validator
+from agent.protocol import CommandFailed, ReplyCode
+from tests.lifecycle_support import (
+    RUNTIMES,
+    Keys,
+    Results,
+    build_nan_classifier,
+    faulty_child,
+    make_bundle,
+    make_keys,
+    manifest_for,
+    running_worker,
+)
+
+FAST_PROBATION = ProbationConfig(duration_s=0.3, min_inferences=5, max_latency_ratio=2.0)
+
+
+@pytest.fixture(scope="module")
+def keys() -> Keys:
+    return make_keys()
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_nan_classifier(tmp_path_factory.mktemp("m") / "nan.tflite")
+
+
+@dataclass
+class Device:
+    """One pipeline's worker fed by a paced stream, and a lifecycle over a store."""
+
+    runtime: str
+    state_dir: Path
+    keys: Keys
+    worker: InferenceWorker
+    results: Results
+    lifecycle: ModelLifecycle
+    stages: list[str] = field(default_factory=list)
+
+    def progress(self, stage: str, percent: float | None) -> None:
+        self.stages.append(stage)
+
+    def deploy(self, model: Path, version: str, *, name: str = "digits", **kw: Any) -> dict:
+        bundle = make_bundle(
+            self.state_dir.parent / f"b-{name}-{version}", model, self.keys, name, version
+        )
+        return self.lifecycle.deploy(
+            bundle.manifest_data,
+            bundle.signature,
+            bundle.model_path,
+            kw.get("pipeline"),
+            self.progress,
+        )
+
+    def state(self) -> tuple[str | None, str | None, str]:
+        (s,) = [m for m in self.lifecycle.model_states() if m.name == "digits"]
+        return s.active, s.last_known_good, s.status
+
+
+def make_lifecycle(
+    state_dir: Path,
+    keys: Keys,
+    runtime: str,
+    servers: list[Any],
+    *,
+    write: Any = os.write,
+    child: tuple[str, ...] | None = None,
+    probation: ProbationConfig = FAST_PROBATION,
+) -> ModelLifecycle:
+    store = ModelStore(state_dir, trusted_keys=[keys.public], write=write)
+    extra = {"child": child} if child else {}
+    validator = Validator(runtime=runtime, timeout_s=30, **extra)
+    lifecycle = ModelLifecycle(store, validator, servers, probation=probation, swap_timeout_s=20)
+    lifecycle.start()
+    return lifecycle
+
+
+@pytest.fixture(params=RUNTIMES)
+def runtime(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+INT8_FRAME = np.random.default_rng(3).integers(-128, 127, (1, 8, 8, 1), dtype=np.int8)
+FLOAT_FRAME = np.zeros((1, 8, 8, 1), np.float32)
+
+
+@contextlib.contextmanager
+def device(
+    tmp_path: Path, keys: Keys, runtime: str, data: np.ndarray = INT8_FRAME, **kw: Any
+) -> Iterator[Device]:
+    worker_kw = {k: kw.pop(k) for k in ("prepare",) if k in kw}
+    with running_worker("cam", "digits", data, runtime, **worker_kw) as (worker, results, _f):
+        lifecycle = make_lifecycle(tmp_path / "state", keys, runtime, [worker], **kw)
+        try:
+            yield Device(runtime, tmp_path / "state", keys, worker, results, lifecycle)
+        finally:
+            lifecycle.stop()
+
+
+def test_deploy_swaps_and_passes_probation(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        assert d.state() == (None, None, "absent")
+        first = d.deploy(tiny_int8_model, "1")
+        assert first["model"] == "digits" and first["version"] == "1"
+        assert first["previous"] is None and first["pipelines"] == ["cam"]
+        assert first["probation"]["cam"]["invokes"] >= 5
+        assert d.stages == ["installing", "validating", "swapping", "probation"]
+        assert d.state() == ("1", "1", "serving")
+        second = d.deploy(tiny_int8_model, "2")
+        assert (second["version"], second["previous"]) == ("2", "1")
+        assert d.state() == ("2", "2", "serving")
+        assert d.worker.serving_version() == "2"
+        n = len(d.results.snapshot())
+        later = d.results.wait_for(n + 5)[n:]
+        assert {(r.model, r.version) for r in later} == {("digits", "2")}
+        again = d.deploy(tiny_int8_model, "2")
+        assert again["unchanged"] is True
+
+
+def bad_deploys(
+    tmp: Path, keys: Keys, model: Path
+) -> list[tuple[str, dict, str | None, Path, ReplyCode]]:
+    good = manifest_for(model, version="2")
+
+    def sign(data: dict, k: Keys = keys) -> str:
+        return mf.sign_manifest(data, k.private)
+
+    short = tmp / "short.tflite"
+    short.write_bytes(model.read_bytes()[:-64])
+    flipped = bytearray(model.read_bytes())
+    flipped[300] ^= 0x55
+    changed = tmp / "changed.tflite"
+    changed.write_bytes(bytes(flipped))
+    no_inputs = {k: v for k, v in good.items() if k != "inputs"}
+    slash = manifest_for(model, version="2/../../x")
+    return [
+        ("truncated", good, sign(good), short, ReplyCode.CHECKSUM_MISMATCH),
+        ("sha256", good, sign(good), changed, ReplyCode.CHECKSUM_MISMATCH),
+        ("unsigned", good, None, model, ReplyCode.BAD_SIGNATURE),
+        ("bad signature", good, sign(no_inputs), model, ReplyCode.BAD_SIGNATURE),
+        ("unknown key", good, sign(good, make_keys()), model, ReplyCode.BAD_SIGNATURE),
+        ("slash", slash, sign(slash), model, ReplyCode.BAD_MANIFEST),
+        ("missing field", no_inputs, sign(no_inputs), model, ReplyCode.BAD_MANIFEST),
+    ]
+
+
+def test_bad_input_is_refused_and_the_active_model_keeps_serving(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        d.deploy(tiny_int8_model, "1")
+        for what, manifest, sig, model, code in bad_deploys(tmp_path, keys, tiny_int8_model):
+            with pytest.raises(CommandFailed) as info:
+                d.lifecycle.deploy(manifest, sig, model, None, d.progress)
+            assert info.value.code == code, (what, info.value.message)
+            assert "\n" not in info.value.message
+            assert d.state() == ("1", "1", "serving"), what
+            assert d.worker.serving_version() == "1"
+            assert d.lifecycle.store.versions("digits") == ["1"]
+            assert not any((d.state_dir / "models/.incoming").glob("*"))
+
+
+def test_disk_full_during_a_deploy(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    room = {"left": 10**9}
+
+    def disk(fd: int, data: bytes) -> int:
+        if room["left"] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = os.write(fd, data[: room["left"]])
+        room["left"] -= n
+        return n
+
+    with device(tmp_path, keys, runtime, write=disk) as d:
+        d.deploy(tiny_int8_model, "1")
+        room["left"] = 2000
+        with pytest.raises(CommandFailed) as info:
+            d.deploy(tiny_int8_model, "2")
+        assert info.value.code == ReplyCode.STORAGE_FAILED
+        assert "disk full" in info.value.message
+        assert d.state() == ("1", "1", "serving")
+        assert not any((d.state_dir / "models/.incoming").glob("*"))
+
+
+def test_a_model_that_fails_validation_is_not_kept(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path, tiny_float_model: Path
+) -> None:
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(b"\0" * 4096)
+    with device(tmp_path, keys, runtime) as d:
+        d.deploy(tiny_int8_model, "1")
+        manifest = manifest_for(tiny_int8_model, version="2")
+        manifest["model"] = {**manifest["model"], "size": 4096}
+        manifest["model"]["sha256"] = hashlib.sha256(b"\0" * 4096).hexdigest()
+        with pytest.raises(CommandFailed) as info:
+            d.lifecycle.deploy(
+                manifest, mf.sign_manifest(manifest, keys.private), garbage, None, d.progress
+            )
+        assert info.value.code == ReplyCode.VALIDATION_FAILED
+        assert f"{runtime} cannot load the model" in info.value.message
+        # A float model does not fit the int8 pipeline.
+        with pytest.raises(CommandFailed) as info:
+            d.deploy(tiny_float_model, "3")
+        assert info.value.code == ReplyCode.INCOMPATIBLE
+        assert "do not fit the pipeline" in info.value.message
+        assert d.lifecycle.store.versions("digits") == ["1"]
+        assert d.state() == ("1", "1", "serving")
+        assert d.worker.serving_version() == "1"
+
+
+def test_a_model_that_kills_its_validator(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime, child=faulty_child("abort")) as d:
+        with pytest.raises(CommandFailed) as info:
+            d.deploy(tiny_int8_model, "1")
+        assert info.value.code == ReplyCode.VALIDATION_FAILED
+        assert "crashed the validator (signal SIGABRT)" in info.value.message
+        assert d.worker.serving_version() is None
+        assert d.state() == (None, None, "absent")
+
+
+def test_nan_outputs_fail_probation_and_roll_back(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_float_model: Path, nan_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime, data=FLOAT_FRAME) as d:
+        d.deploy(tiny_float_model, "1")
+        with pytest.raises(CommandFailed) as info:
+            d.deploy(nan_model, "2")
+        assert info.value.code == ReplyCode.PROBATION_FAILED
+        assert "NaN/inf outputs on pipeline cam; rolled back to 1" in info.value.message
+        assert info.value.data == {"model": "digits", "version": "2", "rolled_back_to": "1"}
+        assert d.worker.serving_version() == "1"
+        active, lkg, status = d.state()
+        assert (active, lkg, status) == ("1", "1", "serving")
+        (s,) = d.lifecycle.model_states()
+        assert "2 failed probation" in (s.message or "")
+        assert s.versions == ["1", "2"]  # kept for a post-mortem
+        n = len(d.results.snapshot())
+        assert {r.version for r in d.results.wait_for(n + 5)[n:]} == {"1"}
+
+
+def test_invoke_errors_fail_probation_and_roll_back(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    def broken_in_v2(model: ServedModel, frame: Frame) -> None:
+        if model.version == "2":
+            raise RuntimeError("tensor arena overflow")
+        feed_tensor(model, frame)
+
+    with device(tmp_path, keys, runtime, prepare=broken_in_v2) as d:
+        d.deploy(tiny_int8_model, "1")
+        with pytest.raises(CommandFailed, match="invoke errors on pipeline cam .tensor arena"):
+            d.deploy(tiny_int8_model, "2")
+        assert d.worker.serving_version() == "1"
+        assert d.state()[:2] == ("1", "1")
+
+
+def test_first_version_failing_probation_leaves_no_model(
+    tmp_path: Path, keys: Keys, runtime: str, nan_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime, data=FLOAT_FRAME) as d:
+        with pytest.raises(CommandFailed, match="no version to roll back to"):
+            d.deploy(nan_model, "1")
+        assert d.worker.serving_version() is None
+        active, _lkg, status = d.state()
+        assert (active, status) == (None, "degraded")
+
+
+def test_manual_rollback_to_previous_and_named(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        d.deploy(tiny_int8_model, "1")
+        d.deploy(tiny_int8_model, "2")
+        back = d.lifecycle.rollback("digits", None, d.progress)
+        assert (back["version"], back["previous"]) == ("1", "2")
+        assert d.worker.serving_version() == "1"
+        assert d.state() == ("1", "1", "serving")
+        forth = d.lifecycle.rollback("digits", "2", d.progress)
+        assert forth["version"] == "2" and d.worker.serving_version() == "2"
+        for model, version in (("digits", "9"), ("nope", None), ("digits", "../1")):
+            with pytest.raises(CommandFailed) as info:
+                d.lifecycle.rollback(model, version, d.progress)
+            assert info.value.code == ReplyCode.NOT_FOUND, info.value.message
+
+
+def test_restart_with_a_corrupt_active_version_falls_back(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        d.deploy(tiny_int8_model, "1")
+        d.deploy(tiny_int8_model, "2")
+        d.lifecycle.rollback("digits", "1", d.progress)
+        d.deploy(tiny_int8_model, "3")  # active 3, last-known-good 3, 2 and 1 kept
+    model3 = tmp_path / "state/models/digits/3/model.tflite"
+    with model3.open("r+b") as f:
+        f.seek(64)
+        f.write(b"\xff" * 16)
+    with device(tmp_path, keys, runtime) as d:
+        active, lkg, status = d.state()
+        assert (active, lkg, status) == ("2", "3", "degraded")
+        (s,) = d.lifecycle.model_states()
+        assert "active version 3 failed" in (s.message or "") and "sha256" in (s.message or "")
+        assert d.worker.serving_version() == "2"
+        assert {r.version for r in d.results.wait_for(5)} == {"2"}
+
+
+def test_restart_with_no_valid_version_runs_without_the_model(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        d.deploy(tiny_int8_model, "1")
+    (tmp_path / "state/models/digits/1/model.tflite").write_bytes(b"gone")
+    with device(tmp_path, keys, runtime) as d:
+        (s,) = d.lifecycle.model_states()
+        assert (s.active, s.status) == (None, "degraded")
+        assert "no valid version" in (s.message or "") and "running without model digits" in (
+            s.message or ""
+        )
+        assert d.worker.serving_version() is None
+        # A good deploy brings it back.
+        d.deploy(tiny_int8_model, "2")
+        assert d.worker.serving_version() == "2"
+
+
+def test_a_second_deploy_of_the_same_model_is_busy(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    slow = ProbationConfig(duration_s=1.5, min_inferences=5, max_latency_ratio=2.0)
+    with device(tmp_path, keys, runtime, probation=slow) as d:
+        outcome: list[Any] = []
+        first = threading.Thread(target=lambda: outcome.append(d.deploy(tiny_int8_model, "1")))
+        first.start()
+        while "probation" not in d.stages:
+            threading.Event().wait(0.02)
+        with pytest.raises(CommandFailed) as info:
+            d.deploy(tiny_int8_model, "2")
+        assert info.value.code == ReplyCode.BUSY
+        first.join(10)
+        assert outcome and outcome[0]["version"] == "1"
+
+
+def test_pipeline_argument_is_checked(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        with pytest.raises(CommandFailed) as info:
+            d.deploy(tiny_int8_model, "1", pipeline="door")
+        assert info.value.code == ReplyCode.NOT_FOUND
+        with pytest.raises(CommandFailed) as info:
+            d.deploy(tiny_int8_model, "1", name="other", pipeline="cam")
+        assert info.value.code == ReplyCode.INCOMPATIBLE
+        assert d.deploy(tiny_int8_model, "1", pipeline="cam")["pipelines"] == ["cam"]
+
+
+# ------------------------------------------------------- latency rule (unit, fake server)
+
+
+class FakeServer:
+    """A ModelServer whose statistics the test dictates."""
+
+    pipeline = "cam"
+    model_name = "digits"
+
+    def __init__(self, p95: dict[str, float]) -> None:
+        self.p95 = p95
+        self.version: str | None = None
+
+    def serving_version(self) -> str | None:
+        return self.version
+
+    def swap(self, version: str | None, model_path: Path | None) -> Future[SwapDone]:
+        f: Future[SwapDone] = Future()
+        f.set_result(SwapDone("cam", version, self.version, 1.0))
+        self.version = version
+        return f
+
+    def stats(self, version: str) -> ServingStats | None:
+        return ServingStats(version, 100, 0, 0, 1.0, self.p95[version], 10.0)
+
+    def requirements(self) -> Requirements | None:
+        return None
+
+
+def test_p95_latency_over_the_ratio_fails_probation(
+    tmp_path: Path, keys: Keys, tiny_int8_model: Path
+) -> None:
+    server = FakeServer({"1": 2.0, "2": 4.5})
+    lifecycle = make_lifecycle(tmp_path / "state", keys, "ai_edge_litert", [server])
+    d = Device("ai_edge_litert", tmp_path / "state", keys, None, Results(), lifecycle)  # type: ignore[arg-type]
+    d.deploy(tiny_int8_model, "1")
+    with pytest.raises(CommandFailed) as info:
+        d.deploy(tiny_int8_model, "2")
+    assert info.value.code == ReplyCode.PROBATION_FAILED
+    assert (
+        "p95 invoke latency 4.50 ms on pipeline cam is over 2x the previous version's 2.00 ms"
+        in info.value.message
+    )
+    assert server.version == "1"
