@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from agent import __version__
 from agent.config import ConfigError, check_files, load_config
@@ -39,6 +40,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from agent.service import run_agent
+
+    try:
+        return run_agent(Path(args.config))
+    except ConfigError as err:
+        for line in err.problems:
+            print(line, file=sys.stderr)
+        return EXIT_INVALID
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     schemas = json_schemas()
     if args.message:
@@ -55,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent (systemd starts it so)")
+    run.add_argument("config", help="path to the YAML config")
+    run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("config", help="path to the YAML config")

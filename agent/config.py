@@ -7,6 +7,7 @@ whose lines each name the key path.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from collections.abc import Iterator
@@ -450,3 +451,134 @@ def check_files(config: AgentConfig) -> list[str]:
             f"mqtt.password_env: environment variable {config.mqtt.password_env} is not set"
         )
     return problems
+
+
+# ------------------------------------------------------------------- live changes
+
+# What the `config` command and a SIGHUP may change without a restart. Pipelines are
+# addressed by name: `pipelines.<name>.threshold`.
+LIVE_KEYS = (
+    "log_level",
+    "telemetry.interval_s",
+    "pipelines.*.threshold",
+    "pipelines.*.top_k",
+    "pipelines.*.publish.mode",
+    "pipelines.*.publish.max_per_s",
+    "pipelines.*.publish.score_delta",
+)
+OVERRIDES_FILE = "config-overrides.json"
+
+
+def is_live_key(key: str) -> bool:
+    """Whether a dotted key (pipelines by name) may change without a restart."""
+    parts = key.split(".")
+    for pattern in LIVE_KEYS:
+        want = pattern.split(".")
+        if len(want) == len(parts) and all(w in ("*", p) for w, p in zip(want, parts, strict=True)):
+            return True
+    return False
+
+
+def config_from_data(data: dict[str, Any], path: str | os.PathLike[str]) -> AgentConfig:
+    """Validate raw data read from ``path``, resolving relative paths against its folder."""
+    return config_from_data(data, path)
+
+
+def apply_changes(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of raw config ``data`` with dotted ``changes`` applied; only live keys.
+
+    Raises ``ConfigError`` naming every key that is unknown or needs a restart, and
+    every value the resulting config rejects.
+    """
+    import copy
+
+    new = copy.deepcopy(data)
+    problems = []
+    for key, value in changes.items():
+        if not is_live_key(key):
+            problems.append(
+                f"{key}: cannot change live (live keys: {', '.join(LIVE_KEYS)}); "
+                "edit the config file and restart"
+            )
+            continue
+        parts = key.split(".")
+        node: Any = new
+        if parts[0] == "pipelines":
+            match = [p for p in new.get("pipelines") or [] if p.get("name") == parts[1]]
+            if not match:
+                problems.append(f"{key}: no pipeline named {parts[1]!r}")
+                continue
+            node, parts = match[0], parts[2:]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    parse_config(new)
+    return new
+
+
+def load_overrides(state_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = state_dir / OVERRIDES_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{path}: unreadable overrides: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: overrides must be a JSON object"])
+    return data
+
+
+def save_overrides(state_dir: Path, overrides: dict[str, Any]) -> None:
+    """Written atomically: a crash leaves the old file or the new one, never half."""
+    import json
+    import tempfile
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".overrides.", dir=state_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(overrides, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state_dir / OVERRIDES_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_raw(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The config file's YAML data (no validation); raises ``ConfigError``."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{p}: invalid YAML: {exc}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: top level must be a mapping of keys"])
+    return data
+
+
+def load_effective_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """The config file with the persisted live changes (``config`` commands) applied."""
+    config = load_config(path)
+    overrides = load_overrides(config.state_dir)
+    if not overrides:
+        return config
+    try:
+        data = apply_changes(read_raw(path), overrides)
+    except ConfigError as err:
+        # A file edit can make an old override invalid: the file wins, and says so.
+        raise ConfigError(
+            [f"{config.state_dir / OVERRIDES_FILE}: {line}" for line in err.problems]
+        ) from None
+    return config_from_data(data, path)

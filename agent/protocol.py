@@ -374,6 +374,14 @@ class State(Message):
     ts: float
 
 
+class StageLatency(Message):
+    """Milliseconds over the last few hundred frames."""
+
+    p50: float
+    p95: float | None = None
+    p99: float | None = None
+
+
 class PipelineTelemetry(Message):
     model: str | None = None
     version: str | None = None
@@ -383,7 +391,13 @@ class PipelineTelemetry(Message):
     frames_in: int = 0
     results_out: int = 0
     dropped: int = 0
+    errors: int = Field(default=0, description="invoke or processing errors of this version")
     source_state: str = "unknown"
+    source_failures: int = 0
+    stages: dict[str, StageLatency] = Field(
+        default_factory=dict,
+        description="wait, preprocess, invoke, postprocess, handover",
+    )
 
 
 class Telemetry(Message):
@@ -393,9 +407,11 @@ class Telemetry(Message):
     uptime_s: float
     cpu_percent: float | None = None
     mem_rss_mb: float | None = None
+    load_1m: float | None = None
     temperature_c: float | None = None
     disk_free_mb: float | None = None
     outbox_depth: int = 0
+    outbox_dropped: int = 0
     pipelines: dict[str, PipelineTelemetry] = Field(default_factory=dict)
 
 

@@ -184,6 +184,7 @@ class InferenceWorker:
         self._helper: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         self.sink_errors = 0
+        self.heartbeat = time.monotonic()
 
     # --------------------------------------------------------------- ModelServer
 
@@ -313,6 +314,8 @@ class InferenceWorker:
     def _run(self) -> None:
         logger.debug("worker %s started", self._pipeline)
         while not self._stop.is_set():
+            # Read by the watchdog: an invoke that hangs stops this clock.
+            self.heartbeat = time.monotonic()
             try:
                 self._switch_pending()
                 if self._model is None:

@@ -11,8 +11,11 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.protocol import PipelineTelemetry, Telemetry
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -82,4 +85,37 @@ class DeviceSampler:
             load_1m=load,
             temperature_c=temperature_c(self.thermal_glob),
             disk_free_mb=disk,
+        )
+
+
+class TelemetryReporter:
+    """Builds a ``Telemetry`` message from the device figures and each pipeline's own."""
+
+    def __init__(
+        self,
+        device: str,
+        sampler: DeviceSampler,
+        pipelines: Callable[[float], dict[str, PipelineTelemetry]],
+        outbox_depth: Callable[[], int],
+    ) -> None:
+        self.device = device
+        self.sampler = sampler
+        self.pipelines = pipelines
+        self.outbox_depth = outbox_depth
+
+    def build(self) -> Telemetry:
+        figures = self.sampler.sample()
+        now = time.time()
+        return Telemetry(
+            device=self.device,
+            seq=0,  # the outbox assigns the per-device sequence number
+            ts=now,
+            uptime_s=figures.uptime_s,
+            cpu_percent=figures.cpu_percent,
+            mem_rss_mb=figures.mem_rss_mb,
+            load_1m=figures.load_1m,
+            temperature_c=figures.temperature_c,
+            disk_free_mb=figures.disk_free_mb,
+            outbox_depth=self.outbox_depth(),
+            pipelines=self.pipelines(time.monotonic()),
         )

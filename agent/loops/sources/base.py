@@ -193,8 +193,12 @@ class CaptureThread:
         while not self._stop.is_set():
             if period:
                 delay = due - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
-                    return
+                while delay > 0:
+                    # In steps, so a slow pace never looks like a hung capture.
+                    if self._stop.wait(min(delay, 1.0)):
+                        return
+                    self.heartbeat = time.monotonic()
+                    delay = due - time.monotonic()
                 # Late by more than a period (a stall): restart the schedule, don't burst.
                 due = max(due + period, time.monotonic() - period)
             item = self.source.read()

@@ -1,0 +1,273 @@
+"""Wiring and lifecycle of the agent: builds the parts from config, starts and stops them
+in order, handles signals, and talks to systemd. No business logic lives here.
+
+Start order: pipelines (workers idle until a model arrives) -> model lifecycle
+(store, start-up recovery, swaps) -> outbox -> command plane -> MQTT link -> local
+API. READY=1 goes to systemd once the first connection has been attempted. Stop
+order is the reverse, so the current inference finishes, the outbox is persisted
+and ``online: false`` is the last thing the broker hears.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.control import AgentControl
+from agent.link.client import MqttLink
+from agent.link.commands import CommandDispatcher
+from agent.link.outbox import Outbox
+from agent.link.transfer import ArtifactFetcher
+from agent.live import LiveConfig
+from agent.loops.pipeline import Pipeline
+from agent.models.lifecycle import ModelLifecycle
+from agent.models.manifest import Manifest
+from agent.models.runtime import LoadedModel, LoaderError, Runtime, load_model, select_runtime
+from agent.models.store import StoreError
+from agent.ops.httpapi import HttpApi, Predictor
+from agent.ops.sdnotify import Notifier, watchdog_interval_s
+from agent.ops.telemetry import DeviceSampler, TelemetryReporter
+from agent.protocol import RuntimeInfo, State
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 0.5
+# A pipeline whose worker or open source has not made progress for this long is hung.
+HEARTBEAT_STALE_S = 20.0
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class Agent:
+    """The running agent. ``run()`` blocks until SIGTERM/SIGINT; ``start``/``stop`` for tests."""
+
+    def __init__(self, live: LiveConfig, notifier: Notifier | None = None) -> None:
+        self.live = live
+        self.notifier = notifier or Notifier()
+        self.stop_event = threading.Event()
+        self._reload = threading.Event()
+        self.started_at = time.time()
+        self.runtime: Runtime | None = None
+        self.pipelines: dict[str, Pipeline] = {}
+        self._built = False
+
+    @property
+    def config(self) -> AgentConfig:
+        return self.live.current
+
+    # ----------------------------------------------------------------- building
+
+    def _load(self, path: Path) -> LoadedModel:
+        if self.runtime is None:
+            raise LoaderError("no TFLite runtime available")
+        rc = self.config.runtime
+        return load_model(
+            path,
+            runtime=self.runtime,
+            num_threads=rc.num_threads,
+            delegate=rc.delegate,
+            delegate_path=rc.delegate_path,
+            delegate_options=rc.delegate_options,
+        )
+
+    def _manifest(self, name: str, version: str) -> Manifest | None:
+        try:
+            return self.lifecycle.store.get(name, version).manifest
+        except StoreError:
+            return None
+
+    def build(self) -> None:
+        config = self.config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.runtime = select_runtime(config.runtime.prefer)
+            logger.info("runtime %s", self.runtime)
+        except LoaderError as exc:
+            logger.error("%s; pipelines run without models", exc)
+        self.link = MqttLink(config)
+        self.outbox = Outbox(config, self.link)
+        for pc in config.pipelines:
+            self.pipelines[pc.name] = Pipeline(
+                pc,
+                device=config.device.id,
+                manifests=self._manifest,
+                publish=self.outbox.enqueue_result,
+                load=self._load,
+            )
+        self.lifecycle = ModelLifecycle.from_config(
+            config,
+            [p.worker for p in self.pipelines.values()],
+            on_change=self._state_changed,
+        )
+        self.control = AgentControl(
+            self.lifecycle, self.pipelines, self.live, status_extra=self._status_extra
+        )
+        self.fetcher = ArtifactFetcher(config, self.link)
+        self.dispatcher = CommandDispatcher(
+            config, self.link, self.control, self.fetcher, state_changed=self._state_changed
+        )
+        self.link.set_state_provider(self.state)
+        self.telemetry = TelemetryReporter(
+            config.device.id,
+            DeviceSampler(config.state_dir),
+            lambda now: {n: p.telemetry(now) for n, p in self.pipelines.items()},
+            lambda: int(self.outbox.stats()["depth"]),
+        )
+        self.http: HttpApi | None = None
+        if config.http.enabled:
+            self.http = HttpApi(config.http.bind, config.http.port, Predictor(self, self._load))
+        self.live.subscribe(self._apply_live)
+        self._built = True
+
+    # --------------------------------------------------------------- start, stop
+
+    def start(self, connect_wait_s: float = 5.0) -> None:
+        if not self._built:
+            self.build()
+        for p in self.pipelines.values():
+            p.start()
+        self.lifecycle.start()
+        self.outbox.start()
+        self.dispatcher.start()
+        self.link.start()
+        if self.http is not None:
+            self.http.start()
+        # READY means the first connection was attempted, not that it succeeded: a
+        # device must come up (and serve its models) while the broker is away.
+        deadline = time.monotonic() + connect_wait_s
+        while time.monotonic() < deadline and not self.link.connected and not self.link.last_error:
+            self.stop_event.wait(0.05)
+        self.notifier.ready(self.status_line())
+        logger.info("edge-agent %s started: %s", __version__, self.status_line())
+
+    def stop(self) -> None:
+        self.notifier.stopping()
+        logger.info("stopping")
+        self.lifecycle.stop()
+        self.fetcher.stop()
+        self.dispatcher.stop()
+        for p in self.pipelines.values():
+            p.stop()
+        self.outbox.stop()
+        self.link.stop()
+        if self.http is not None:
+            self.http.stop()
+        logger.info("stopped")
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; SIGHUP reloads the config."""
+
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self.stop_event.set()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+        self.start()
+        watchdog_s = watchdog_interval_s()
+        next_watchdog = 0.0
+        next_telemetry = time.monotonic() + self.config.telemetry.interval_s
+        try:
+            while not self.stop_event.wait(TICK_S):
+                now = time.monotonic()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.notifier.reloading()
+                    self.live.reload()
+                    self.notifier.ready(self.status_line())
+                if watchdog_s is not None and now >= next_watchdog:
+                    hung = self.hung_pipelines()
+                    if hung:
+                        logger.error("not pinging the watchdog: hung pipeline(s) %s", hung)
+                    else:
+                        self.notifier.watchdog()
+                        self.notifier.status(self.status_line())
+                    next_watchdog = now + watchdog_s
+                if now >= next_telemetry:
+                    self.outbox.enqueue_telemetry(self.telemetry.build())
+                    next_telemetry = now + self.config.telemetry.interval_s
+        finally:
+            self.stop()
+        return 0
+
+    # ----------------------------------------------------------------- reporting
+
+    def hung_pipelines(self) -> list[str]:
+        now = time.monotonic()
+        return [n for n, p in self.pipelines.items() if p.heartbeat_age(now) > HEARTBEAT_STALE_S]
+
+    def status_line(self) -> str:
+        link = "connected" if self.link.connected else "broker unreachable"
+        parts = [f"{p.name}={p.state().status}" for p in self.pipelines.values()]
+        return f"{link}; pipelines: {', '.join(parts) or 'none'}"
+
+    def state(self) -> State:
+        config = self.config
+        return State(
+            device=config.device.id,
+            online=True,
+            agent_version=__version__,
+            runtime=RuntimeInfo(name=self.runtime.name, version=self.runtime.version)
+            if self.runtime
+            else None,
+            models=self.lifecycle.model_states(),
+            pipelines=[p.state() for p in self.pipelines.values()],
+            groups=list(config.device.groups),
+            since=self.started_at,
+            ts=time.time(),
+        )
+
+    def _state_changed(self) -> None:
+        if self.link.connected:
+            self.link.publish_state()
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {"link": self.link.status(), "outbox": self.outbox.stats()}
+
+    def _apply_live(self, config: AgentConfig) -> None:
+        logging.getLogger().setLevel(config.log_level)
+        for pc in config.pipelines:
+            if pc.name in self.pipelines:
+                self.pipelines[pc.name].update(pc)
+        self._state_changed()
+
+    # ------------------------------------------------ ModelCatalog (local API)
+
+    def active(self, name: str) -> tuple[str, Path] | None:
+        record = self.lifecycle.store.record(name)
+        if record.active is None:
+            return None
+        try:
+            stored = self.lifecycle.store.get(name, record.active)
+        except StoreError:
+            return None
+        return record.active, stored.model_path
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        states = {n: p.state().status for n, p in self.pipelines.items()}
+        hung = self.hung_pipelines()
+        ok = not hung and all(s == "running" for s in states.values())
+        return ok, {"pipelines": states, "hung": hung, "connected": self.link.connected}
+
+
+def run_agent(config_path: Path) -> int:
+    live = LiveConfig.load(config_path)
+    setup_logging(live.current.log_level)
+    return Agent(live).run()
