@@ -481,7 +481,7 @@ def is_live_key(key: str) -> bool:
 
 def config_from_data(data: dict[str, Any], path: str | os.PathLike[str]) -> AgentConfig:
     """Validate raw data read from ``path``, resolving relative paths against its folder."""
-    return config_from_data(data, path)
+    return _resolve_paths(parse_config(data, str(path)), Path(path).parent.resolve())
 
 
 def apply_changes(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

@@ -370,6 +370,10 @@ class State(Message):
     models: list[ModelState] = Field(default_factory=list)
     pipelines: list[PipelineState] = Field(default_factory=list)
     groups: list[GroupId] = Field(default_factory=list)
+    restart_needed: list[str] = Field(
+        default_factory=list,
+        description="Config keys changed in the file (SIGHUP) that take effect at the next restart",
+    )
     since: float = Field(description="Unix time the agent started")
     ts: float
 

@@ -40,7 +40,8 @@ from agent.protocol import RuntimeInfo, State
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.5
-# A pipeline whose worker or open source has not made progress for this long is hung.
+# A pipeline whose worker or open source has made no progress for this long is hung.
+# Under a systemd watchdog: two ping intervals (= WatchdogSec), at least 5 s.
 HEARTBEAT_STALE_S = 20.0
 
 
@@ -64,6 +65,8 @@ class Agent:
         self.runtime: Runtime | None = None
         self.pipelines: dict[str, Pipeline] = {}
         self._built = False
+        self.stale_after_s = HEARTBEAT_STALE_S
+        self._next_telemetry = float("inf")
 
     @property
     def config(self) -> AgentConfig:
@@ -182,8 +185,10 @@ class Agent:
         signal.signal(signal.SIGHUP, on_hup)
         self.start()
         watchdog_s = watchdog_interval_s()
+        if watchdog_s is not None:
+            self.stale_after_s = max(2 * watchdog_s, 5.0)
         next_watchdog = 0.0
-        next_telemetry = time.monotonic() + self.config.telemetry.interval_s
+        self._next_telemetry = time.monotonic() + self.config.telemetry.interval_s
         try:
             while not self.stop_event.wait(TICK_S):
                 now = time.monotonic()
@@ -191,6 +196,7 @@ class Agent:
                     self._reload.clear()
                     self.notifier.reloading()
                     self.live.reload()
+                    self._state_changed()
                     self.notifier.ready(self.status_line())
                 if watchdog_s is not None and now >= next_watchdog:
                     hung = self.hung_pipelines()
@@ -200,9 +206,9 @@ class Agent:
                         self.notifier.watchdog()
                         self.notifier.status(self.status_line())
                     next_watchdog = now + watchdog_s
-                if now >= next_telemetry:
+                if now >= self._next_telemetry:
                     self.outbox.enqueue_telemetry(self.telemetry.build())
-                    next_telemetry = now + self.config.telemetry.interval_s
+                    self._next_telemetry = now + self.config.telemetry.interval_s
         finally:
             self.stop()
         return 0
@@ -211,7 +217,7 @@ class Agent:
 
     def hung_pipelines(self) -> list[str]:
         now = time.monotonic()
-        return [n for n, p in self.pipelines.items() if p.heartbeat_age(now) > HEARTBEAT_STALE_S]
+        return [n for n, p in self.pipelines.items() if p.heartbeat_age(now) > self.stale_after_s]
 
     def status_line(self) -> str:
         link = "connected" if self.link.connected else "broker unreachable"
@@ -230,6 +236,7 @@ class Agent:
             models=self.lifecycle.model_states(),
             pipelines=[p.state() for p in self.pipelines.values()],
             groups=list(config.device.groups),
+            restart_needed=list(self.live.restart_needed),
             since=self.started_at,
             ts=time.time(),
         )
@@ -243,6 +250,9 @@ class Agent:
 
     def _apply_live(self, config: AgentConfig) -> None:
         logging.getLogger().setLevel(config.log_level)
+        # A shorter telemetry interval takes effect now, not after the old one ends.
+        soon = time.monotonic() + config.telemetry.interval_s
+        self._next_telemetry = min(self._next_telemetry, soon)
         for pc in config.pipelines:
             if pc.name in self.pipelines:
                 self.pipelines[pc.name].update(pc)

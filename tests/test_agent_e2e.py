@@ -27,7 +27,15 @@ import yaml
 
 from agent.loops.sources.synthetic import digit_samples
 from agent.models.manifest import generate_keypair
-from agent.protocol import DeployCommand, HttpArtifact, Reply, Result, State, Telemetry
+from agent.protocol import (
+    ConfigCommand,
+    DeployCommand,
+    HttpArtifact,
+    Reply,
+    Result,
+    State,
+    Telemetry,
+)
 from tests.converter_support import build_digits_bundle
 from tests.mqtt_support import Broker, MessageCollector, publish
 
@@ -218,6 +226,26 @@ def test_rollback_and_telemetry(setup: Setup) -> None:
     assert pipe.frames_in > 0 and pipe.stages["invoke"].p50 > 0
     proc = fleet(setup, "status", "--json")
     assert proc.returncode == 0 and "pi-e2e" in proc.stdout
+
+
+def test_config_command_changes_top_k_live(setup: Setup) -> None:
+    command = ConfigCommand(id="cfg-1", changes={"pipelines.digits-cam.top_k": 1})
+    publish(setup.broker, "edge/pi-e2e/cmd", command.to_bytes())
+    wait_for(
+        lambda: any(r.id == "cfg-1" and r.status == "done" for r in messages(setup, "reply")),
+        what="config done",
+    )
+    n = len(messages(setup, "results"))
+    wait_for(lambda: len(messages(setup, "results")) > n + 10, what="results after config")
+    assert all(len(r.classes or []) == 1 for r in messages(setup, "results")[n + 5 :])
+    bad = ConfigCommand(id="cfg-2", changes={"mqtt.host": "elsewhere"})
+    publish(setup.broker, "edge/pi-e2e/cmd", bad.to_bytes())
+    wait_for(
+        lambda: any(r.id == "cfg-2" and r.status == "failed" for r in messages(setup, "reply")),
+        what="config refused",
+    )
+    (reply,) = [r for r in messages(setup, "reply") if r.id == "cfg-2" and r.status == "failed"]
+    assert reply.code.value == "config_rejected" and "mqtt.host" in reply.message
 
 
 def test_sigterm_stops_within_10s_and_says_offline(setup: Setup) -> None:

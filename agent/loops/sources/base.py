@@ -139,6 +139,14 @@ class CaptureThread:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                # Stuck in a driver read: closing the source under it could block on the
+                # reader's own lock. Leave the daemon thread to end with the process.
+                logger.warning(
+                    "source %s did not stop within %.0f s (hung read)", self.name, timeout
+                )
+                self.state = "stopped"
+                return
         self.source.close()
         self.state = "stopped"
 
