@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := tflite,litert,camera,converter,dev
 
-.PHONY: setup test lint fmt typecheck bench mosquitto clean
+.PHONY: setup test lint fmt typecheck bench demo mosquitto clean
 
 setup: $(STAMP) mosquitto
 
@@ -36,6 +36,10 @@ test: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	$(PY) -m pytest
+
+# The whole loop on this machine: convert, broker, agent, deploy, hot-swap, refusal.
+demo: setup
+	$(PY) scripts/demo.py
 
 bench: setup
 	@for b in $$(ls benchmarks/*.py | xargs -n1 basename | sed 's/\.py$$//' | grep -v '^_'); do \
