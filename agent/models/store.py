@@ -42,6 +42,7 @@ from agent.models.manifest import (
     ManifestError,
     SignatureError,
     check_model_file,
+    fsync_dir,
     load_manifest_data,
     parse_manifest,
     verify_signature,
@@ -124,14 +125,6 @@ def check_component(value: object, what: str) -> str:
             "and must start with a letter or digit",
         )
     return value
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ModelStore:
@@ -280,11 +273,11 @@ class ModelStore:
                 self._write_file(tmp / MANIFEST_FILE, body.encode())
                 if signature is not None:
                     self._write_file(tmp / SIGNATURE_FILE, signature.strip().encode() + b"\n")
-                _fsync_dir(tmp)
+                fsync_dir(tmp)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(tmp, final)
                 tmp = None
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
                 rec = self.records.setdefault(name, ModelRecord())
                 rec.installed = [v for v in rec.installed if v != version] + [version]
                 self._save_state()
@@ -377,7 +370,7 @@ class ModelStore:
             finally:
                 os.close(fd)
             os.replace(tmp, self.root / STATE_FILE)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
