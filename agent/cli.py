@@ -13,6 +13,7 @@ from agent.config import ConfigError, check_files, load_config
 from agent.protocol import json_schemas
 
 EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
 EXIT_INVALID = 2
 
 
@@ -23,19 +24,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for line in err.problems:
             print(line, file=sys.stderr)
         return EXIT_INVALID
+    if not args.offline:
+        from agent.ops.check import format_table, run_checks
+
+        results = run_checks(
+            config,
+            Path(args.config),
+            source_timeout_s=args.timeout,
+            broker_timeout_s=args.timeout,
+        )
+        print(format_table(results))
+        return EXIT_CHECK_FAILED if any(r.failed for r in results) else EXIT_OK
     problems = check_files(config)
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
         return EXIT_INVALID
-    if not args.offline:
-        from agent.ops.check import check_online
-
-        problems = check_online(config)
-        for line in problems:
-            print(line, file=sys.stderr)
-        if problems:
-            return EXIT_INVALID
     print(f"{args.config}: ok (device {config.device.id}, {len(config.pipelines)} pipeline(s))")
     return EXIT_OK
 
@@ -72,12 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="path to the YAML config")
     run.set_defaults(func=_cmd_run)
 
-    check = sub.add_parser("check", help="validate a config file")
+    check = sub.add_parser(
+        "check",
+        help="check a config and what it names (sources, models, broker): a PASS/FAIL table",
+        description="Exit status: 0 all pass, 1 a check failed, 2 the config is invalid.",
+    )
     check.add_argument("config", help="path to the YAML config")
     check.add_argument(
         "--offline",
         action="store_true",
         help="check the file and the files it names only; touch no network or hardware",
+    )
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for each source's first frame and for the broker (default 10)",
     )
     check.set_defaults(func=_cmd_check)
 

@@ -300,6 +300,9 @@ class AgentConfig(_Section):
     device: DeviceConfig
     state_dir: Path = Path("/var/lib/edge-agent")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text: LEVEL logger: message; json: one object per line"
+    )
     mqtt: MqttConfig = MqttConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     models: ModelsConfig = ModelsConfig()

@@ -32,6 +32,7 @@ from agent.models.lifecycle import ModelLifecycle
 from agent.models.manifest import Manifest
 from agent.models.runtime import LoadedModel, LoaderError, Runtime, load_model, select_runtime
 from agent.models.store import StoreError
+from agent.ops import logs
 from agent.ops.httpapi import HttpApi, Predictor
 from agent.ops.sdnotify import Notifier, watchdog_interval_s
 from agent.ops.telemetry import DeviceSampler, TelemetryReporter
@@ -279,5 +280,5 @@ class Agent:
 
 def run_agent(config_path: Path) -> int:
     live = LiveConfig.load(config_path)
-    setup_logging(live.current.log_level)
+    logs.setup_logging(live.current.log_level, live.current.log_format)
     return Agent(live).run()

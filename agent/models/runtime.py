@@ -170,6 +170,19 @@ def _load_delegate(
         ) from None
 
 
+def probe_delegate(
+    runtime: Runtime,
+    delegate: str,
+    delegate_path: Path | None = None,
+    delegate_options: dict[str, str] | None = None,
+) -> None:
+    """Load the configured delegate once and drop it (``edge-agent check``).
+
+    Raises ``DelegateUnavailable`` naming the library, as ``load_model`` would.
+    """
+    _load_delegate(runtime, delegate, delegate_path, delegate_options or {})
+
+
 def load_model(
     model: str | os.PathLike[str] | bytes,
     *,

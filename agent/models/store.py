@@ -189,6 +189,15 @@ class ModelStore:
             ]
         return records
 
+    def peek_records(self) -> dict[str, ModelRecord]:
+        """What the state file and the disk hold, without opening the store.
+
+        Unlike ``open()`` this removes no leftovers and creates nothing, so a
+        diagnostic may read it while the agent is installing a version.
+        """
+        with self._lock:
+            return self._read_state() if self.root.is_dir() else {}
+
     @property
     def records(self) -> dict[str, ModelRecord]:
         if self._records is None:
