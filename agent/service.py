@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -44,14 +43,6 @@ TICK_S = 0.5
 # A pipeline whose worker or open source has made no progress for this long is hung.
 # Under a systemd watchdog: two ping intervals (= WatchdogSec), at least 5 s.
 HEARTBEAT_STALE_S = 20.0
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
 
 
 class Agent:
@@ -250,7 +241,7 @@ class Agent:
         return {"link": self.link.status(), "outbox": self.outbox.stats()}
 
     def _apply_live(self, config: AgentConfig) -> None:
-        logging.getLogger().setLevel(config.log_level)
+        logging.getLogger().setLevel(logs.effective_level(config.log_level))
         # A shorter telemetry interval takes effect now, not after the old one ends.
         soon = time.monotonic() + config.telemetry.interval_s
         self._next_telemetry = min(self._next_telemetry, soon)

@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 Status = Literal["serving", "probation", "degraded", "absent"]
 
 
+LATENCY_FLOOR_MS = 1.0
+
+
 class _SwapFailed(Exception):
     pass
 
@@ -334,7 +337,9 @@ class ModelLifecycle:
             now = server.stats(version)
             if before is None or now is None or before.p95_ms is None or now.p95_ms is None:
                 continue
-            if now.p95_ms > ratio * before.p95_ms:
+            # Sub-millisecond models jitter by multiples under load; a slowdown that
+            # costs less than LATENCY_FLOOR_MS a frame is not worth a rollback.
+            if now.p95_ms > ratio * before.p95_ms and now.p95_ms - before.p95_ms > LATENCY_FLOOR_MS:
                 return (
                     f"p95 invoke latency {now.p95_ms:.2f} ms on pipeline {server.pipeline} is "
                     f"over {ratio:g}x the previous version's {before.p95_ms:.2f} ms"
