@@ -187,7 +187,7 @@ class Observer:
         self.client.on_message = self._on_message
         self.client.connect(self.broker.host, self.broker.port)
         self.client.loop_start()
-        if not ready.wait(10):
+        if not ready.wait(30):
             raise RuntimeError("observer could not subscribe")
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
@@ -313,12 +313,12 @@ def run_fleet(
         observer: Observer | None = None
         try:
             bundle, pub = make_bundle(work, model, "1")
+            observer = Observer(broker, "1")
             started = time.monotonic()
             for i in range(n):
                 agent = Agent(LiveConfig.load(agent_config(work, i, broker, pub)))
                 agent.start(connect_wait_s=5.0)
                 agents.append(agent)
-            observer = Observer(broker, "1")
             deadline = time.monotonic() + 60
             while not all(a.link.connected for a in agents) and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -241,12 +241,12 @@ class Console:
         """Call ``handler(payload)`` (on the MQTT thread) for every message on ``topic``;
         returns once the broker confirmed the subscription."""
         confirmed = threading.Event()
+        # Held until the mid is registered, so a quick SUBACK cannot slip past it.
         with self._lock:
             self._handlers[topic] = handler
-        result, mid = self._client.subscribe(topic, 1)
-        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
-            raise ConsoleError(f"cannot subscribe to {topic}: {mqtt.error_string(result)}")
-        with self._lock:
+            result, mid = self._client.subscribe(topic, 1)
+            if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+                raise ConsoleError(f"cannot subscribe to {topic}: {mqtt.error_string(result)}")
             self._acks[mid] = confirmed
         if not confirmed.wait(timeout):
             raise ConsoleError(f"the broker did not confirm the subscription to {topic}")
