@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     # The agents' own loggers: only trouble, or 500 agents drown the output.
     logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("agent.link").setLevel(logging.WARNING)
     sizes = [args.agents] if args.agents else [50] if args.quick else list(SWEEP)
     model = build_model("small-cnn", 0)
     cost = validation_cost(model)
