@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent.models.manifest import Bundle, BundleError, load_public_key, verify_bundle
 from agent.protocol import (
     DEFAULT_PREFIX,
@@ -20,6 +22,7 @@ from agent.protocol import (
     PingCommand,
     RollbackCommand,
     State,
+    UrlArtifact,
     validate_device_id,
     validate_group_id,
     validate_name,
@@ -169,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--url",
-        help="the model file is already served at this URL (object "
-        "storage, a CDN): no built-in server",
+        help="the model file is already served at this https://, http:// or file:// URL "
+        "(object storage, a CDN, a shared mount): no built-in server",
     )
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES")
     p.add_argument("--pipeline", type=_id(validate_name), help="pipeline to serve the model on")
@@ -328,6 +331,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise UsageError("--max-failures must be 0 or more")
     if args.url and args.via != "http":
         raise UsageError("--url goes with --via http")
+    if args.url:
+        try:
+            UrlArtifact(url=args.url)
+        except ValidationError:
+            raise UsageError(
+                f"--url {args.url!r}: expected an https://, http:// or file:// URL"
+            ) from None
     m = bundle.manifest
     console = _console(args)
     try:
@@ -346,6 +356,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             args.via,
             topics=console.topics,
             publish_many=lambda msgs: console.publish_many(msgs),
+            subscribe=console.subscribe,
             advertise=advertise,
             bind=bind,
             url=args.url,
@@ -370,7 +381,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                     f"deploying {m.name} {m.version} to {sizes} device(s) via {args.via}: "
                     f"{offer.artifact.model_dump_json(exclude_none=True)}"
                 )
-            report = _run(console, args, waves, make, "deploy", on_accepted=offer.device_accepted)
+            report = _run(console, args, waves, make, "deploy")
         finally:
             offer.close()
     finally:
@@ -390,11 +401,10 @@ def _run(
     waves: list[list[Target]],
     make: Callable[[str, float, float], Command],
     op: str,
-    on_accepted: Callable[[str], None] = lambda _d: None,
 ) -> RunReport:
     now = time.time()
     printer = render.ProgressPrinter(sys.stdout)
-    hooks = RunHooks(on_change=(lambda _p: None) if args.json else printer, on_accepted=on_accepted)
+    hooks = RunHooks(on_change=(lambda _p: None) if args.json else printer)
     expires = getattr(args, "expires", args.timeout)
     run = CommandRun(
         sender=console,

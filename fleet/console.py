@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +147,9 @@ class Console:
         self._connected = threading.Event()
         self._connect_error: str | None = None
         self._subs = _Subscriptions()
+        # Topics beyond the fleet view (a transfer's chunk requests): exact topic -> handler.
+        self._handlers: dict[str, Callable[[bytes], None]] = {}
+        self._acks: dict[int, threading.Event] = {}
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"edge-fleet-{uuid.uuid4().hex[:10]}",
@@ -232,6 +235,22 @@ class Console:
                 return
             time.sleep(min(0.05, quiet - since))
 
+    def subscribe(
+        self, topic: str, handler: Callable[[bytes], None], timeout: float = 10.0
+    ) -> None:
+        """Call ``handler(payload)`` (on the MQTT thread) for every message on ``topic``;
+        returns once the broker confirmed the subscription."""
+        confirmed = threading.Event()
+        # Held until the mid is registered, so a quick SUBACK cannot slip past it.
+        with self._lock:
+            self._handlers[topic] = handler
+            result, mid = self._client.subscribe(topic, 1)
+            if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+                raise ConsoleError(f"cannot subscribe to {topic}: {mqtt.error_string(result)}")
+            self._acks[mid] = confirmed
+        if not confirmed.wait(timeout):
+            raise ConsoleError(f"the broker did not confirm the subscription to {topic}")
+
     # ------------------------------------------------------------------ sending
 
     def send(self, device: str, command: Command, timeout: float = 10.0) -> None:
@@ -270,18 +289,31 @@ class Console:
         wanted = [t.all_states(), t.all_replies(), t.all_telemetry()]
         if self._results:
             wanted.append(t.all_results())
+        with self._lock:
+            wanted += list(self._handlers)  # again after a reconnect: the session is clean
         result, mid = client.subscribe([(w, 1) for w in wanted])
         if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             self._subs.pending.add(mid)
         self._connected.set()
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):  # type: ignore[no-untyped-def]
+        with self._lock:
+            ack = self._acks.pop(mid, None)
+        if ack is not None:
+            if not any(rc.is_failure for rc in reason_codes):
+                ack.set()
+            return
         self._subs.pending.discard(mid)
         if not self._subs.pending:
             self._subs.done.set()
 
     def _on_message(self, client, userdata, msg):  # type: ignore[no-untyped-def]
         now = time.time()
+        with self._lock:
+            handler = self._handlers.get(msg.topic)
+        if handler is not None:
+            handler(msg.payload)
+            return
         try:
             device, kind, _pipeline = self.topics.parse(msg.topic)
         except ProtocolError:

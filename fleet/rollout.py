@@ -235,8 +235,6 @@ class RunReport:
 @dataclass
 class RunHooks:
     on_change: Callable[[DeviceProgress], None] = lambda _p: None
-    # For a deploy over MQTT: the chunks go out once devices listen (they accepted).
-    on_accepted: Callable[[str], None] = lambda _d: None
 
 
 @dataclass
@@ -320,8 +318,6 @@ class CommandRun:
             p = self._by_id.get(r.id)
             if p is None or p.device != event.device:
                 return
-            if r.status == "accepted":
-                self.hooks.on_accepted(p.device)
             if apply_reply(
                 p, r.status, r.code.value, r.message, r.stage, r.percent, r.data, self.clock()
             ):

@@ -7,25 +7,37 @@ command, so a new artifact kind of the protocol is added here only.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import math
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import BinaryIO, Literal, Protocol
 from urllib.parse import quote
 
+from pydantic import ValidationError
+
 from agent.models.manifest import Bundle
-from agent.protocol import MAX_COMMAND_BYTES, Artifact, Chunk, HttpArtifact, MqttArtifact, Topics
+from agent.protocol import (
+    MAX_COMMAND_BYTES,
+    Artifact,
+    Chunk,
+    ChunkRequest,
+    MqttArtifact,
+    Topics,
+    UrlArtifact,
+    format_validation_error,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
-# Devices that accept within this window share one round of chunks.
+# Chunk requests that arrive within this window share one round of chunks.
 CHUNK_SETTLE_S = 0.3
 
 
@@ -110,34 +122,56 @@ class ArtifactServer:
 
 # ------------------------------------------------------------------------- MQTT
 
+# (topic, callback of each payload): how the publisher hears ChunkRequests. The
+# subscription is confirmed by the broker when the call returns.
+Subscribe = Callable[[str, Callable[[bytes], None]], None]
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return max(1, math.ceil(size / chunk_size))
+
+
+def chunk_message(
+    f: BinaryIO, topics: Topics, transfer_id: str, chunk_size: int, index: int, total: int
+) -> tuple[str, bytes]:
+    """(topic, payload) of chunk ``index`` of an open file: its bytes and their sha256."""
+    f.seek(index * chunk_size)
+    data = f.read(chunk_size)
+    chunk = Chunk(
+        transfer_id=transfer_id,
+        index=index,
+        total=total,
+        data=base64.b64encode(data).decode("ascii"),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    return topics.transfer(transfer_id), chunk.to_bytes()
+
 
 def chunk_messages(
     path: Path, topics: Topics, transfer_id: str, chunk_size: int
 ) -> Iterator[tuple[str, bytes]]:
     """(topic, payload) of every ``Chunk`` of a file, read one chunk at a time."""
-    size = path.stat().st_size
-    total = max(1, math.ceil(size / chunk_size))
-    topic = topics.transfer(transfer_id)
+    total = chunk_count(path.stat().st_size, chunk_size)
     with path.open("rb") as f:
         for index in range(total):
-            data = base64.b64encode(f.read(chunk_size)).decode("ascii")
-            yield (
-                topic,
-                Chunk(transfer_id=transfer_id, index=index, total=total, data=data).to_bytes(),
-            )
+            yield chunk_message(f, topics, transfer_id, chunk_size, index, total)
 
 
 class ChunkPublisher:
-    """Publishes a file's chunks whenever devices are ready for them, from its own thread.
+    """Sends a file's chunks whenever devices ask for them, from its own thread.
 
-    Devices subscribe to the transfer topic when they accept the deploy, and chunks
-    are not retained, so every acceptance asks for a round; acceptances close together
-    share one.
+    Devices subscribe to the transfer topic when they start the transfer and at
+    once publish a ``ChunkRequest`` listing what they lack (then again after a
+    silence). Chunks are not retained, so a chunk published before a device
+    listened is lost to it: chunks go out only in answer to requests, which come
+    after the device's subscription, so no timing can lose one for good. Requests
+    that arrive close together share one round (the union of what they list).
     """
 
     def __init__(
         self,
         publish_many: Callable[[list[tuple[str, bytes]]], None],
+        subscribe: Subscribe,
         path: Path,
         topics: Topics,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -146,14 +180,19 @@ class ChunkPublisher:
         if not 0 < chunk_size <= MAX_COMMAND_BYTES:
             raise ValueError(f"chunk size must be 1..{MAX_COMMAND_BYTES} bytes")
         self._publish_many = publish_many
+        self._subscribe = subscribe
         self.path = path
         self.topics = topics
         self.chunk_size = chunk_size
         self.transfer_id = transfer_id or f"t-{uuid.uuid4().hex[:12]}"
-        self.chunks = max(1, math.ceil(path.stat().st_size / chunk_size))
+        self.chunks = chunk_count(path.stat().st_size, chunk_size)
         self.rounds = 0
+        self.requests = 0
+        self.sent = 0
         self.error: str | None = None
-        self._wanted = threading.Event()
+        self._lock = threading.Lock()
+        self._wanted: set[int] = set()
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="chunk-publisher", daemon=True)
 
@@ -163,31 +202,59 @@ class ChunkPublisher:
         )
 
     def start(self) -> None:
+        """Listen for requests (confirmed by the broker), then serve them."""
+        self._subscribe(self.topics.transfer_missing(self.transfer_id), self.on_request)
         self._thread.start()
 
-    def request(self) -> None:
-        self._wanted.set()
+    def on_request(self, payload: bytes) -> None:
+        """A ``ChunkRequest`` arrived (called on the MQTT thread: never blocks)."""
+        try:
+            request = ChunkRequest.model_validate_json(payload)
+        except ValidationError as err:
+            log.warning("ignored an invalid chunk request: %s", format_validation_error(err))
+            return
+        if request.transfer_id != self.transfer_id:
+            return
+        wanted = {i for i in request.missing if i < self.chunks}
+        log.debug("%s asks for %d chunk(s)", request.device, len(wanted))
+        self.request(wanted)
+
+    def request(self, indexes: Iterable[int] | None = None) -> None:
+        """Queue chunks for the next round (all of them by default)."""
+        with self._lock:
+            self._wanted.update(range(self.chunks) if indexes is None else indexes)
+            self.requests += 1
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
-        self._wanted.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(10)
 
-    def publish_all(self) -> None:
-        messages = list(chunk_messages(self.path, self.topics, self.transfer_id, self.chunk_size))
+    def publish(self, indexes: Iterable[int]) -> None:
+        with self.path.open("rb") as f:
+            messages = [
+                chunk_message(f, self.topics, self.transfer_id, self.chunk_size, i, self.chunks)
+                for i in sorted(indexes)
+            ]
         self._publish_many(messages)
         self.rounds += 1
+        self.sent += len(messages)
         log.info("published %d chunk(s) of transfer %s", len(messages), self.transfer_id)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self._wanted.wait(0.5) or self._stop.is_set():
+            if not self._wake.wait(0.5) or self._stop.is_set():
                 continue
             self._stop.wait(CHUNK_SETTLE_S)
-            self._wanted.clear()
+            with self._lock:
+                self._wake.clear()
+                wanted, self._wanted = self._wanted, set()
+            if not wanted:
+                continue
             try:
-                self.publish_all()
+                self.publish(wanted)
             except Exception as exc:  # the deploy shows the devices' timeouts; say why
                 self.error = str(exc)
                 log.warning("chunk transfer %s failed: %s", self.transfer_id, exc)
@@ -201,8 +268,6 @@ class ArtifactOffer(Protocol):
 
     artifact: Artifact
 
-    def device_accepted(self, device: str) -> None: ...
-
     def close(self) -> None: ...
 
 
@@ -210,11 +275,8 @@ class UrlOffer:
     """A URL the operator already serves (object storage, a CDN), or our HTTP server."""
 
     def __init__(self, url: str, server: ArtifactServer | None = None) -> None:
-        self.artifact: Artifact = HttpArtifact(url=url)
+        self.artifact: Artifact = UrlArtifact(url=url)
         self.server = server
-
-    def device_accepted(self, device: str) -> None:
-        pass
 
     def close(self) -> None:
         if self.server is not None:
@@ -227,9 +289,6 @@ class MqttOffer:
         self.artifact: Artifact = publisher.artifact()
         publisher.start()
 
-    def device_accepted(self, device: str) -> None:
-        self.publisher.request()
-
     def close(self) -> None:
         self.publisher.stop()
 
@@ -240,6 +299,7 @@ def offer_artifact(
     *,
     topics: Topics,
     publish_many: Callable[[list[tuple[str, bytes]]], None],
+    subscribe: Subscribe,
     advertise: str,
     bind: tuple[str, int],
     url: str | None = None,
@@ -247,7 +307,9 @@ def offer_artifact(
 ) -> ArtifactOffer:
     """Start serving the bundle's model file the chosen way."""
     if via == "mqtt":
-        return MqttOffer(ChunkPublisher(publish_many, bundle.model_path, topics, chunk_size))
+        return MqttOffer(
+            ChunkPublisher(publish_many, subscribe, bundle.model_path, topics, chunk_size)
+        )
     if url is not None:
         return UrlOffer(url)
     m = bundle.manifest

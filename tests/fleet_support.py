@@ -5,8 +5,10 @@ a retained state with a last will, a persistent session, and to every command th
 replies accepted -> progress -> done/failed. Every message it receives is parsed
 with the ``agent.protocol`` models; anything that does not parse is recorded in
 ``invalid`` (and answered ``failed``), so a test that checks ``invalid == []``
-keeps the console honest. A deploy really downloads the HTTP artifact or
-reassembles the MQTT chunks and checks the manifest's sha256 and size.
+keeps the console honest. A deploy really downloads the URL artifact or receives
+the MQTT chunks as the real agent does (subscribes when the transfer starts, asks
+for the missing chunks with ``ChunkRequest`` and again after a silence, drops a
+chunk without a matching sha256), and checks the manifest's sha256 and size.
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ from agent.models.manifest import (
     write_bundle,
 )
 from agent.protocol import (
+    MAX_MISSING_LISTED,
     Chunk,
+    ChunkRequest,
     ClassScore,
     Command,
     CommandFailed,
     DeployCommand,
     ModelState,
+    MqttArtifact,
     PingCommand,
     PipelineState,
     PipelineTelemetry,
@@ -67,6 +72,8 @@ from agent.protocol import (
 from tests.mqtt_support import Broker
 
 REPO = Path(__file__).resolve().parent.parent
+# Unanswered chunk requests in a row before a simulated transfer fails.
+CHUNK_REQUESTS = 4
 
 
 class SimDevice:
@@ -86,6 +93,8 @@ class SimDevice:
         telemetry_interval: float = 0.3,
         pipeline: str = "cam",
         results: bool = False,
+        chunk_wait_s: float = 1.0,
+        lose_chunks: int = 0,
     ) -> None:
         self.broker = broker
         self.device = device
@@ -107,7 +116,12 @@ class SimDevice:
         self.since = time.time()
         self._replies: dict[str, Reply] = {}  # last reply per command id
         self._commands: queue.Queue[Command] = queue.Queue()
-        self._chunks: dict[str, dict[int, Chunk]] = {}
+        # transfer id -> chunk bytes by index, while a deploy listens to that transfer
+        self._chunks: dict[str, dict[int, bytes]] = {}
+        self.chunk_wait_s = chunk_wait_s
+        self.chunk_requests_again = 0
+        self.chunks_duplicated = 0
+        self.lose_chunks = lose_chunks  # the first N chunks "get lost" on the way
         self._chunk_cond = threading.Condition()
         self._subscribed = threading.Event()
         self._seq = 0
@@ -211,14 +225,7 @@ class SimDevice:
 
     def _on_message(self, client, userdata, msg):  # type: ignore[no-untyped-def]
         if msg.topic.startswith(f"{self.topics.prefix}/transfer/"):
-            try:
-                chunk = Chunk.model_validate_json(msg.payload)
-            except ValueError as exc:
-                self.invalid.append(f"{msg.topic}: {exc}")
-                return
-            with self._chunk_cond:
-                self._chunks.setdefault(chunk.transfer_id, {})[chunk.index] = chunk
-                self._chunk_cond.notify_all()
+            self._on_chunk(msg.topic, msg.payload)
             return
         try:
             command = decode_command(msg.payload)
@@ -282,8 +289,6 @@ class SimDevice:
 
     def _deploy(self, command: DeployCommand) -> dict[str, Any]:
         art = command.artifact
-        if art.kind == "mqtt":
-            self._listen_for_chunks(self.topics.transfer(art.transfer_id))
         self._reply(command.id, "accepted", ReplyCode.ACCEPTED)
         try:
             manifest = parse_manifest(command.manifest)
@@ -294,12 +299,10 @@ class SimDevice:
                 verify_signature(command.manifest, command.signature, self.trusted_keys)
             except BundleError as exc:
                 raise CommandFailed(ReplyCode.BAD_SIGNATURE, str(exc)) from None
-        if art.kind == "http":
+        if isinstance(art, MqttArtifact):
+            body = self._receive_chunks(command.id, art)
+        else:  # "url" and the older "http" spelling
             body = self._download(command.id, art.url)
-        else:
-            body = self._reassemble(command.id, art.transfer_id, art.chunks)
-            if self._client is not None:
-                self._client.unsubscribe(self.topics.transfer(art.transfer_id))
         if len(body) != manifest.model.size or (
             hashlib.sha256(body).hexdigest() != manifest.model.sha256
         ):
@@ -324,7 +327,7 @@ class SimDevice:
         self._publish(self.topics.state(self.device), self._state(True), retain=True)
         return {"model": manifest.name, "version": manifest.version, "previous": previous}
 
-    def _listen_for_chunks(self, topic: str) -> None:
+    def _subscribe_and_wait(self, topic: str) -> None:
         done = threading.Event()
         client = self._client
         assert client is not None
@@ -357,14 +360,34 @@ class SimDevice:
         except OSError as exc:
             raise CommandFailed(ReplyCode.DOWNLOAD_FAILED, f"{url}: {exc}") from None
 
-    def _reassemble(self, cid: str, transfer_id: str, total: int) -> bytes:
-        deadline = time.monotonic() + 20
+    def _receive_chunks(self, cid: str, art: MqttArtifact) -> bytes:
+        """As docs/protocol.md says: subscribe, ask for every chunk, ask again for what
+        is still missing after a silence, give up after a few unanswered requests."""
+        topic = self.topics.transfer(art.transfer_id)
+        self._subscribe_and_wait(topic)
+        try:
+            with self._chunk_cond:
+                self._chunks.setdefault(art.transfer_id, {})
+            return self._collect_chunks(cid, art)
+        finally:
+            if self._client is not None:
+                self._client.unsubscribe(topic)
+            with self._chunk_cond:
+                self._chunks.pop(art.transfer_id, None)
+
+    def _collect_chunks(self, cid: str, art: MqttArtifact) -> bytes:
+        total = art.chunks
         reported = -1
+        unanswered = 0
+        self._request_chunks(art)
+        quiet_since = time.monotonic()
         with self._chunk_cond:
             while True:
-                have = self._chunks.get(transfer_id, {})
+                have = self._chunks[art.transfer_id]
                 if len(have) * 4 // total > reported:
                     reported = len(have) * 4 // total
+                    quiet_since = time.monotonic()
+                    unanswered = 0
                     self._reply(
                         cid,
                         "progress",
@@ -375,16 +398,55 @@ class SimDevice:
                     )
                 if len(have) >= total:
                     break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise CommandFailed(
-                        ReplyCode.DOWNLOAD_FAILED, f"got {len(have)} of {total} chunks"
-                    )
-                self._chunk_cond.wait(min(left, 0.2))
-            chunks = self._chunks.pop(transfer_id)
-        if any(c.total != total for c in chunks.values()) or sorted(chunks) != list(range(total)):
+                if time.monotonic() - quiet_since >= self.chunk_wait_s:
+                    unanswered += 1
+                    if unanswered >= CHUNK_REQUESTS:
+                        raise CommandFailed(
+                            ReplyCode.DOWNLOAD_FAILED,
+                            f"got {len(have)} of {total} chunks after {unanswered} requests",
+                        )
+                    self.chunk_requests_again += 1
+                    self._request_chunks(art)
+                    quiet_since = time.monotonic()
+                self._chunk_cond.wait(0.1)
+            chunks = dict(self._chunks[art.transfer_id])
+        if sorted(chunks) != list(range(total)):
             raise CommandFailed(ReplyCode.DOWNLOAD_FAILED, "chunks do not add up")
-        return b"".join(base64.b64decode(chunks[i].data) for i in range(total))
+        return b"".join(chunks[i] for i in range(total))
+
+    def _request_chunks(self, art: MqttArtifact) -> None:
+        with self._chunk_cond:
+            have = set(self._chunks.get(art.transfer_id, {}))
+        missing = [i for i in range(art.chunks) if i not in have][:MAX_MISSING_LISTED]
+        request = ChunkRequest(
+            transfer_id=art.transfer_id, device=self.device, missing=missing, ts=time.time()
+        )
+        self._publish(self.topics.transfer_missing(art.transfer_id), request)
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            chunk = Chunk.model_validate_json(payload)
+            data = base64.b64decode(chunk.data, validate=True)
+        except ValueError as exc:
+            self.invalid.append(f"{topic}: {exc}")
+            return
+        if self.lose_chunks > 0:
+            self.lose_chunks -= 1
+            return
+        if chunk.sha256 is None:
+            self.invalid.append(f"{topic}: chunk {chunk.index} has no sha256")
+            return
+        if hashlib.sha256(data).hexdigest() != chunk.sha256:
+            self.invalid.append(f"{topic}: chunk {chunk.index} fails its sha256")
+            return
+        with self._chunk_cond:
+            have = self._chunks.get(chunk.transfer_id)
+            if have is None:  # not listening to this transfer (any more)
+                return
+            if chunk.index in have:
+                self.chunks_duplicated += 1
+            have[chunk.index] = data
+            self._chunk_cond.notify_all()
 
     # ------------------------------------------------------------------ telemetry
 

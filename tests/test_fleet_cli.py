@@ -153,7 +153,7 @@ def test_deploy_to_two_devices(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json_out(proc)
     assert out["result"] == "ok" and out["version"] == "2" and out["via"] == via
-    assert out["artifact"]["kind"] == via
+    assert out["artifact"]["kind"] == {"http": "url", "mqtt": "mqtt"}[via]
     assert {d["device"]: d["status"] for d in out["devices"]} == {"pi-a": "done", "pi-b": "done"}
     assert a.active() == "2" and b.active() == "2"
     for sim in (a, b):
@@ -162,6 +162,38 @@ def test_deploy_to_two_devices(
         assert cmd.signature is not None and cmd.manifest["version"] == "2"
     if via == "mqtt":
         assert out["artifact"]["chunks"] == 3 and out["artifact"]["chunk_size"] == 64 * 1024
+
+
+def test_lost_chunks_are_asked_for_again_and_sent_again(
+    fleet: Fleet, broker: Broker, prefix: str, keys: Keys, bundle_v2: Path
+) -> None:
+    lossy = fleet.add("pi-lossy", lose_chunks=2, chunk_wait_s=0.5)
+    proc = run_fleet(
+        broker, prefix, "deploy", str(bundle_v2), "--device", "pi-lossy",
+        "--pub", str(keys.public), "--via", "mqtt", "--timeout", "30", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert lossy.active() == "2"
+    assert lossy.chunk_requests_again >= 1
+
+
+def test_deploy_by_file_url_without_a_server(
+    fleet: Fleet, broker: Broker, prefix: str, keys: Keys, bundle_v2: Path
+) -> None:
+    sim = fleet.add("pi-a")
+    url = (bundle_v2 / "model.tflite").resolve().as_uri()
+    proc = run_fleet(
+        broker, prefix, "deploy", str(bundle_v2), "--device", "pi-a",
+        "--pub", str(keys.public), "--url", url, "--timeout", "30", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json_out(proc)["artifact"] == {"kind": "url", "url": url}
+    assert sim.active() == "2"
+    bad = run_fleet(
+        broker, prefix, "deploy", str(bundle_v2), "--device", "pi-a",
+        "--pub", str(keys.public), "--url", "ftp://example.com/m.tflite",
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--url" in bad.stderr and bad.stderr.count("\n") == 1
 
 
 def test_canary_rollout_halts_when_the_canary_rejects_the_model(

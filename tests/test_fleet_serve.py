@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.models.manifest import read_bundle
-from agent.protocol import Chunk, Topics
+from agent.protocol import Chunk, ChunkRequest, Topics
 from fleet.serve import (
     ArtifactServer,
     ChunkPublisher,
@@ -62,30 +64,46 @@ def test_chunks_reassemble_to_the_file(tmp_path: Path, size: int) -> None:
     assert [c.index for c in chunks] == list(range(len(chunks)))
     assert all(c.total == len(chunks) == -(-size // 1000) for c in chunks)
     assert b"".join(base64.b64decode(c.data) for c in chunks) == data
+    assert all(c.sha256 == hashlib.sha256(base64.b64decode(c.data)).hexdigest() for c in chunks)
 
 
-def test_chunk_publisher_coalesces_requests(tmp_path: Path) -> None:
+def test_chunk_publisher_answers_chunk_requests(tmp_path: Path) -> None:
     path = tmp_path / "m"
     path.write_bytes(b"x" * 2500)
     published: list[list[tuple[str, bytes]]] = []
+    subscribed: list[str] = []
     done = threading.Event()
 
     def publish_many(msgs: list[tuple[str, bytes]]) -> None:
         published.append(msgs)
         done.set()
 
-    pub = ChunkPublisher(publish_many, path, Topics(), chunk_size=1000)
+    pub = ChunkPublisher(
+        publish_many, lambda topic, _h: subscribed.append(topic), path, Topics(), chunk_size=1000
+    )
     assert pub.artifact().chunks == 3
     pub.start()
     try:
-        for _ in range(5):  # five devices accept at once: one round
-            pub.request()
+        # It listens for requests before any device could ask, and sends nothing unasked.
+        assert subscribed == [f"edge/transfer/{pub.transfer_id}/missing"]
+        assert not done.wait(0.6)
+        # Three devices ask at once: one round with the union of what they lack.
+        for device, missing in (("a", [0]), ("b", [2]), ("c", [2, 7])):
+            request = ChunkRequest(
+                transfer_id=pub.transfer_id, device=device, missing=missing, ts=0.0
+            )
+            pub.on_request(request.to_bytes())
+        pub.on_request(b"{not json")  # ignored, logged
+        other = ChunkRequest(transfer_id="t-other", device="d", missing=[1], ts=0.0)
+        pub.on_request(other.to_bytes())  # another transfer: ignored
         assert done.wait(5)
+        time.sleep(0.5)
     finally:
         pub.stop()
-    assert len(published) == 1 and len(published[0]) == 3 and pub.rounds == 1
+    assert pub.rounds == 1 and len(published) == 1
+    assert [Chunk.model_validate_json(m).index for _, m in published[0]] == [0, 2]
     with pytest.raises(ValueError, match="chunk size"):
-        ChunkPublisher(publish_many, path, Topics(), chunk_size=10**6)
+        ChunkPublisher(publish_many, lambda t, h: None, path, Topics(), chunk_size=10**6)
 
 
 def test_offer_artifact_with_an_external_url(tmp_path: Path) -> None:
@@ -95,12 +113,13 @@ def test_offer_artifact_with_an_external_url(tmp_path: Path) -> None:
         "http",
         topics=Topics(),
         publish_many=lambda m: None,
+        subscribe=lambda t, h: None,
         advertise="x",
         bind=("127.0.0.1", 0),
         url="https://cdn.example.com/digits/2/model.tflite",
     )
     assert offer.artifact.model_dump() == {
-        "kind": "http",
+        "kind": "url",
         "url": "https://cdn.example.com/digits/2/model.tflite",
     }
     offer.close()
