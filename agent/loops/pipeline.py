@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 ManifestLookup = Callable[[str, str], Manifest | None]
 ResultSink = Callable[[Result], object]
 STAGES = ("wait", "preprocess", "invoke", "postprocess", "handover")
+# Enough to ride out jitter between capture and worker; the producer blocks beyond it.
+# Deeper only adds latency and memory (a 640x480 frame is 0.9 MB).
+QUEUE_FRAMES = 8
 
 
 @dataclass
@@ -110,7 +113,9 @@ class Pipeline:
         self._clock = clock
         self.source = source if source is not None else create_source(config.source)
         live = self.source.live or config.queue == "latest"
-        self.frames: LatestFrameSlot | FrameQueue = LatestFrameSlot() if live else FrameQueue()
+        self.frames: LatestFrameSlot | FrameQueue = (
+            LatestFrameSlot() if live else FrameQueue(QUEUE_FRAMES)
+        )
         self.capture = CaptureThread(config.name, self.source, _PrepareAhead(self, self.frames))
         self.worker = InferenceWorker(
             config.name,
