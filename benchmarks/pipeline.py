@@ -24,7 +24,8 @@ capture thread blocks when it is ahead instead of burning the CPU the inference 
 ``vs_naive`` = agent_fps / naive_fps. Stages are the pipeline's own latency windows
 (ms). ``num_threads`` 1 at the top level (the other core is left for capture, as on
 a 4-core Pi), and the three rates again with 2 threads under ``threads2``. Each
-figure is the median of ``rounds`` measurements taken in turn.
+figure is the median of short turns taken in rotation (4 of 1 s each with
+``--quick``, 15 of 2 s otherwise), so load from elsewhere falls on all alike.
 """
 
 from __future__ import annotations
@@ -208,8 +209,11 @@ def naive_fps(
     return n / (time.perf_counter() - start)
 
 
-def agent_child(args: dict[str, Any]) -> dict[str, Any]:
-    """Runs in its own process: the agent's parts, a model, frames for ``seconds``."""
+def agent_child(args: dict[str, Any]) -> None:
+    """Runs in its own process: the agent's parts and the model, loaded once. Reads
+    ``run SECONDS`` lines (capture on, count results, capture off, queue drained: the
+    parent's own loops then have the machine to themselves) and ``end``; answers each
+    with one JSON line."""
     bundle = Path(args["bundle"])
     threads = int(args["threads"])
     config = agent_config(
@@ -230,43 +234,81 @@ def agent_child(args: dict[str, Any]) -> dict[str, Any]:
             load=lambda path: rt.load_model(path, runtime=runtime, num_threads=threads),
         )
         pipeline.start()
+        rss: float | None = None
         try:
             pipeline.worker.swap("1", bundle / "model.tflite").result(120)
-            time.sleep(args["warmup_s"])
-            rates = []
-            for _ in range(int(args["rounds"])):
+            time.sleep(0.5)  # the first frames: processing built, caches warm
+            pipeline.capture.stop()
+            print(json.dumps({"ready": True}), flush=True)
+            for line in sys.stdin:
+                command = line.split()
+                if not command or command[0] != "run":
+                    break
+                pipeline.restart_source()
+                time.sleep(0.3)
                 c0, t0 = pipeline.results_out + pipeline.suppressed, time.perf_counter()
-                time.sleep(args["seconds"])
+                time.sleep(float(command[1]))
                 c1, t1 = pipeline.results_out + pipeline.suppressed, time.perf_counter()
-                rates.append((c1 - c0) / (t1 - t0))
-            rss = rss_mb()
+                rss = rss_mb()
+                pipeline.capture.stop()
+                while len(pipeline.frames):
+                    time.sleep(0.01)
+                print(json.dumps({"fps": (c1 - c0) / (t1 - t0)}), flush=True)
             telemetry = pipeline.telemetry(time.monotonic())
         finally:
             pipeline.stop()
         outbox = link.outbox.stats()
-    return {
-        "fps": rates,
-        "rss_mb": rss,
-        "stages": {k: v.model_dump() for k, v in telemetry.stages.items()},
-        "frames_in": telemetry.frames_in,
-        "results_out": telemetry.results_out,
-        "dropped": telemetry.dropped,
-        "errors": telemetry.errors,
-        "published": outbox["published"],
-        "outbox_depth": outbox["depth"],
-    }
-
-
-def run_agent(args: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.pipeline", "--agent-child", json.dumps(args)],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    print(
+        json.dumps(
+            {
+                "rss_mb": rss,
+                "stages": {k: v.model_dump() for k, v in telemetry.stages.items()},
+                "results_out": telemetry.results_out,
+                "dropped": telemetry.dropped,
+                "errors": telemetry.errors,
+                "published": outbox["published"],
+                "outbox_depth": outbox["depth"],
+            }
+        ),
+        flush=True,
     )
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+
+
+class AgentProcess:
+    """The parent's handle on ``agent_child``."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.pipeline", "--agent-child", json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        self._answer()
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                answer: dict[str, Any] = json.loads(line)
+                return answer
+        raise RuntimeError(f"the agent process exited with {self.proc.wait()}")
+
+    def _ask(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def run(self, seconds: float) -> float:
+        return float(self._ask(f"run {seconds}")["fps"])
+
+    def end(self) -> dict[str, Any]:
+        result = self._ask("end")
+        self.proc.wait(30)
+        return result
 
 
 # ---------------------------------------------------------------------- the run
@@ -284,28 +326,31 @@ def measure(threads: int, ctx: dict[str, Any], quick: bool) -> dict[str, Any]:
     if not ok:
         raise RuntimeError(f"cannot decode {ctx['video']}")
     tensor, _ = make_preprocessor(model.inputs[0], manifest.preprocess)(frame)
-    seconds = 3.0 if quick else 8.0
-    rounds = 1 if quick else 3
+    seconds = 1.0 if quick else 2.0
+    rounds = 4 if quick else 15
     raw_fps(model, tensor, 0.5)  # warm-up: weights packed, caches hot
-    raws, naives = [], []
-    agent = run_agent(
+    agent = AgentProcess(
         {
             "bundle": str(ctx["bundle"]),
             "video": str(ctx["video"]),
             "port": ctx["port"],
             "state_dir": str(ctx["tmp"] / f"agent-{threads}"),
             "threads": threads,
-            "seconds": seconds,
-            "rounds": rounds,
-            "warmup_s": 1.0,
         }
     )
-    for _ in range(rounds):
-        raws.append(raw_fps(model, tensor, seconds))
-        naives.append(naive_fps(model, manifest, ctx["video"], ctx["outbox"], seconds))
+    raws, naives, agents = [], [], []
+    try:
+        # Short turns in rotation, so that load from elsewhere on the machine falls
+        # on all three loops alike; the medians are compared.
+        for _ in range(rounds):
+            raws.append(raw_fps(model, tensor, seconds))
+            naives.append(naive_fps(model, manifest, ctx["video"], ctx["outbox"], seconds))
+            agents.append(agent.run(seconds))
+    finally:
+        details = agent.end()
     raw = statistics.median(raws)
     naive = statistics.median(naives)
-    agent_fps = statistics.median(agent["fps"])
+    agent_fps = statistics.median(agents)
     return {
         "raw_fps": round(raw, 1),
         "naive_fps": round(naive, 1),
@@ -313,7 +358,7 @@ def measure(threads: int, ctx: dict[str, Any], quick: bool) -> dict[str, Any]:
         "ratio": round(agent_fps / raw, 3),
         "vs_naive": round(agent_fps / naive, 3),
         "naive_ratio": round(naive / raw, 3),
-        "agent": agent,
+        "agent": details,
     }
 
 
@@ -356,7 +401,6 @@ def run(quick: bool) -> dict[str, Any]:
         **one,
         "stages_ms": agent["stages"],
         "agent_rss_mb": agent["rss_mb"],
-        "agent_frames_in": agent["frames_in"],
         "agent_results_out": agent["results_out"],
         "agent_dropped": agent["dropped"],
         "agent_errors": agent["errors"],
@@ -375,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agent-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.agent_child:
-        print(json.dumps(agent_child(json.loads(args.agent_child))))
+        agent_child(json.loads(args.agent_child))
         return 0
     result = run(args.quick)
     if args.json:
