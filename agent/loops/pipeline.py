@@ -139,7 +139,9 @@ class Pipeline:
         self.results_out = 0
         self.suppressed = 0
         self.errors = 0
-        self._fps = RateMeter()
+        # One meter per reader (telemetry messages, Prometheus scrapes): reading a
+        # rate restarts its window, so readers must not share one.
+        self._fps: dict[str, RateMeter] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -270,7 +272,8 @@ class Pipeline:
             message=message,
         )
 
-    def telemetry(self, now: float) -> PipelineTelemetry:
+    def telemetry(self, now: float, reader: str = "telemetry") -> PipelineTelemetry:
+        """The pipeline's figures; ``fps`` is over the time since ``reader`` last asked."""
         stages = {}
         for stage, window in self.latency.items():
             p50, p95, p99 = window.percentiles(50, 95, 99)
@@ -281,13 +284,16 @@ class Pipeline:
         return PipelineTelemetry(
             model=self.config.model,
             version=self.worker.serving_version(),
-            fps=self._fps.rate(self.results_out + self.suppressed, now),
+            fps=self._fps.setdefault(reader, RateMeter()).rate(
+                self.results_out + self.suppressed, now
+            ),
             invoke_ms_p50=invoke.p50 if invoke else None,
             invoke_ms_p95=invoke.p95 if invoke else None,
             frames_in=self.capture.frames,
             results_out=self.results_out,
             dropped=self.frames.dropped,
             source_state=self.capture.state,
+            source_failures=self.capture.failures,
             errors=stats.errors if stats else 0,
             stages=stages,
         )

@@ -77,7 +77,9 @@ class _Collector:
             if value is not None:
                 yield GaugeMetricFamily(f"edge_agent_{name}", doc, value=value * scale)
 
-        info = GaugeMetricFamily("edge_agent_info", "The device this agent runs as", labels=["device"])
+        info = GaugeMetricFamily(
+            "edge_agent_info", "The device this agent runs as", labels=["device"]
+        )
         info.add_metric([t.device], 1)
         yield info
         yield from gauge("uptime_seconds", "Seconds since the agent started", t.uptime_s)
@@ -117,7 +119,9 @@ class _Collector:
             "1 for the state the pipeline's source is in",
             labels=["pipeline", "state"],
         )
-        fps = GaugeMetricFamily("edge_agent_pipeline_fps", "Frames inferred per second", labels=label)
+        fps = GaugeMetricFamily(
+            "edge_agent_pipeline_fps", "Frames inferred per second", labels=label
+        )
         counters = {
             "frames_in": CounterMetricFamily(
                 "edge_agent_pipeline_frames_in", "Frames read from the source", labels=label
@@ -129,7 +133,12 @@ class _Collector:
                 "edge_agent_pipeline_dropped_frames", "Stale frames dropped unseen", labels=label
             ),
             "errors": CounterMetricFamily(
-                "edge_agent_pipeline_errors", "Failed inferences of the served version", labels=label
+                "edge_agent_pipeline_errors",
+                "Failed inferences of the served version",
+                labels=label,
+            ),
+            "source_failures": CounterMetricFamily(
+                "edge_agent_pipeline_source_failures", "Times the source failed", labels=label
             ),
         }
         latency = GaugeMetricFamily(
@@ -138,7 +147,7 @@ class _Collector:
             labels=["pipeline", "stage", "quantile"],
         )
         for name, p in sorted(self.t.pipelines.items()):
-            model.add_metric([name, p.model, p.version or ""], 1)
+            model.add_metric([name, p.model or "", p.version or ""], 1)
             for state in SOURCE_STATES:
                 source.add_metric([name, state], 1 if p.source_state == state else 0)
             fps.add_metric([name], p.fps)
