@@ -142,3 +142,16 @@ def test_source_that_fails_and_comes_back(bundle: Path, tmp_path: Path) -> None:
         assert p.state().status == "running"
         stats = p.worker.stats("1")
         assert stats is not None and stats.errors == 0
+
+
+def test_readme_pipeline_example_is_a_valid_config() -> None:
+    import yaml
+
+    from agent.config import parse_config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Inference loops", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = {"device": {"id": "pi"}, "models": {"require_signature": False}}
+    config = parse_config({**data, **yaml.safe_load(snippet)})
+    assert config.pipelines[0].publish.mode == "change" and config.http.metrics
