@@ -24,7 +24,7 @@ capture thread blocks when it is ahead instead of burning the CPU the inference 
 ``vs_naive`` = agent_fps / naive_fps. Stages are the pipeline's own latency windows
 (ms). ``num_threads`` 1 at the top level (the other core is left for capture, as on
 a 4-core Pi), and the three rates again with 2 threads under ``threads2``. Each
-figure is the median of short turns taken in rotation (4 of 1 s each with
+figure is the median of short turns taken in rotation (3 of 1 s each with
 ``--quick``, 15 of 2 s otherwise), so load from elsewhere falls on all alike.
 """
 
@@ -153,6 +153,16 @@ class Link:
 # ------------------------------------------------------------------ the three loops
 
 
+def wait_drained(outbox: Outbox, timeout: float = 10.0) -> None:
+    """Until the broker has acknowledged everything: a turn leaves no work behind."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = outbox.stats()
+        if stats["depth"] == 0 and stats["inflight"] == 0:
+            return
+        time.sleep(0.01)
+
+
 def raw_fps(model: rt.LoadedModel, tensor: np.ndarray, seconds: float) -> float:
     it, inp, out = model.interpreter, model.inputs[0].index, model.outputs[0].index
     n, start = 0, time.perf_counter()
@@ -253,6 +263,7 @@ def agent_child(args: dict[str, Any]) -> None:
                 pipeline.capture.stop()
                 while len(pipeline.frames):
                     time.sleep(0.01)
+                wait_drained(link.outbox)
                 print(json.dumps({"fps": (c1 - c0) / (t1 - t0)}), flush=True)
             telemetry = pipeline.telemetry(time.monotonic())
         finally:
@@ -327,7 +338,7 @@ def measure(threads: int, ctx: dict[str, Any], quick: bool) -> dict[str, Any]:
         raise RuntimeError(f"cannot decode {ctx['video']}")
     tensor, _ = make_preprocessor(model.inputs[0], manifest.preprocess)(frame)
     seconds = 1.0 if quick else 2.0
-    rounds = 4 if quick else 15
+    rounds = 3 if quick else 15
     raw_fps(model, tensor, 0.5)  # warm-up: weights packed, caches hot
     agent = AgentProcess(
         {
@@ -342,10 +353,17 @@ def measure(threads: int, ctx: dict[str, Any], quick: bool) -> dict[str, Any]:
     try:
         # Short turns in rotation, so that load from elsewhere on the machine falls
         # on all three loops alike; the medians are compared.
-        for _ in range(rounds):
-            raws.append(raw_fps(model, tensor, seconds))
-            naives.append(naive_fps(model, manifest, ctx["video"], ctx["outbox"], seconds))
-            agents.append(agent.run(seconds))
+        turns = [
+            lambda: raws.append(raw_fps(model, tensor, seconds)),
+            lambda: naives.append(naive_fps(model, manifest, ctx["video"], ctx["outbox"], seconds)),
+            lambda: agents.append(agent.run(seconds)),
+        ]
+        for i in range(rounds):
+            # Each loop goes first, second and third in turn: no loop always follows
+            # the same one (whose outbox may still be sending).
+            for turn in turns[i % 3 :] + turns[: i % 3]:
+                turn()
+                wait_drained(ctx["outbox"])
     finally:
         details = agent.end()
     raw = statistics.median(raws)
@@ -358,6 +376,11 @@ def measure(threads: int, ctx: dict[str, Any], quick: bool) -> dict[str, Any]:
         "ratio": round(agent_fps / raw, 3),
         "vs_naive": round(agent_fps / naive, 3),
         "naive_ratio": round(naive / raw, 3),
+        "turns_fps": {
+            "raw": [round(x, 1) for x in raws],
+            "naive": [round(x, 1) for x in naives],
+            "agent": [round(x, 1) for x in agents],
+        },
         "agent": details,
     }
 
