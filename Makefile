@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS := tflite,litert,camera,converter,dev
+EXTRAS := tflite,litert,camera,metrics,converter,dev
 
 .PHONY: setup test lint fmt typecheck bench demo mosquitto clean
 

@@ -256,6 +256,9 @@ class HttpApiConfig(_Section):
     enabled: bool = False
     bind: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 9470
+    metrics: bool = Field(
+        default=True, description="GET /metrics in Prometheus' format (needs prometheus-client)"
+    )
 
 
 class OutboxConfig(_Section):

@@ -33,6 +33,7 @@ from agent.models.runtime import LoadedModel, LoaderError, Runtime, load_model, 
 from agent.models.store import StoreError
 from agent.ops import logs
 from agent.ops.httpapi import HttpApi, Predictor
+from agent.ops.metrics import INSTALL_HINT, MetricsExporter, metrics_available
 from agent.ops.sdnotify import Notifier, watchdog_interval_s
 from agent.ops.telemetry import DeviceSampler, TelemetryReporter
 from agent.protocol import RuntimeInfo, State
@@ -124,9 +125,24 @@ class Agent:
         )
         self.http: HttpApi | None = None
         if config.http.enabled:
-            self.http = HttpApi(config.http.bind, config.http.port, Predictor(self, self._load))
+            metrics = self._metrics() if config.http.metrics else None
+            self.http = HttpApi(
+                config.http.bind, config.http.port, Predictor(self, self._load), metrics
+            )
         self.live.subscribe(self._apply_live)
         self._built = True
+
+    def _metrics(self) -> MetricsExporter:
+        if not metrics_available():
+            logger.error("%s; GET /metrics will answer 503", INSTALL_HINT)
+        # Its own sampler and fps readers: a scrape must not reset telemetry's windows.
+        reporter = TelemetryReporter(
+            self.config.device.id,
+            DeviceSampler(self.config.state_dir),
+            lambda now: {n: p.telemetry(now, "metrics") for n, p in self.pipelines.items()},
+            lambda: int(self.outbox.stats()["depth"]),
+        )
+        return MetricsExporter(reporter.build, self.outbox.stats)
 
     # --------------------------------------------------------------- start, stop
 

@@ -1,26 +1,38 @@
 """A pipeline: source -> capture thread -> slot or queue -> inference worker -> outbox.
 
 The capture thread and the worker overlap: while the worker invokes the model on one
-frame, the capture thread decodes the next. Pre- and post-processing run on the
-worker thread inside its hooks, built per model version from that version's manifest
-and the interpreter's own tensor details, so a hot-swap brings its own processing.
+frame, the capture thread decodes and pre-processes the next, so the worker's own
+per-frame work is little more than the invoke. Processing is built per model version
+from that version's manifest and the interpreter's own tensor details, so a hot-swap
+brings its own: the worker builds it, and the capture thread pre-processes with
+whatever processing the worker last built. A frame prepared for another version
+(or before any) is pre-processed again on the worker, so a swap never feeds a model
+a tensor shaped for its predecessor.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from agent.config import PipelineConfig
 from agent.loops.frames import Frame, FrameQueue, LatestFrameSlot
 from agent.loops.postprocess import Classifier, Detector, Output, PublishPolicy, RawOutputs
-from agent.loops.preprocess import ImagePreprocessor, Transform, make_preprocessor
+from agent.loops.preprocess import (
+    ImagePreprocessor,
+    Transform,
+    limit_opencv_threads,
+    make_preprocessor,
+)
 from agent.loops.sources import CaptureThread, Source, create_source
+from agent.loops.sources.base import FrameSink
 from agent.loops.stats import LatencyWindow, RateMeter
 from agent.loops.worker import InferenceResult, InferenceWorker, ServedModel
 from agent.models.manifest import Manifest
@@ -32,6 +44,9 @@ logger = logging.getLogger(__name__)
 ManifestLookup = Callable[[str, str], Manifest | None]
 ResultSink = Callable[[Result], object]
 STAGES = ("wait", "preprocess", "invoke", "postprocess", "handover")
+# Enough to ride out jitter between capture and worker; the producer blocks beyond it.
+# Deeper only adds latency and memory (a 640x480 frame is 0.9 MB).
+QUEUE_FRAMES = 8
 
 
 @dataclass
@@ -40,6 +55,42 @@ class _Processing:
     pre: Callable[[np.ndarray], tuple[np.ndarray, Transform | None]]
     post: Callable[..., Output]
     input_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A frame pre-processed on the capture thread, and by which processing; ``raw``
+    is the frame as the source gave it, in case the worker must do it again."""
+
+    raw: Any
+    processing: _Processing
+    tensor: np.ndarray
+    transform: Transform | None
+    ms: float
+
+
+class _PrepareAhead:
+    """The capture thread's sink: pre-processes each frame with the processing the
+    worker last built, then hands it to the slot or queue. A frame that fails here is
+    passed on as it is; the worker tries again and counts the error."""
+
+    def __init__(self, pipeline: Pipeline, frames: FrameSink) -> None:
+        self._pipeline = pipeline
+        self._frames = frames
+
+    def put(self, frame: Frame, stop: threading.Event | None = None) -> bool:
+        proc = self._pipeline._processing
+        if proc is not None:
+            start = time.perf_counter()
+            try:
+                tensor, transform = proc.pre(frame.data)
+            except Exception:  # reported by the worker, which tries again
+                pass
+            else:
+                ms = (time.perf_counter() - start) * 1000
+                prepared = _Prepared(frame.data, proc, tensor, transform, ms)
+                frame = Frame(frame.seq, frame.ts, prepared, frame.meta)
+        return self._frames.put(frame, stop)
 
 
 class Pipeline:
@@ -62,8 +113,10 @@ class Pipeline:
         self._clock = clock
         self.source = source if source is not None else create_source(config.source)
         live = self.source.live or config.queue == "latest"
-        self.frames: LatestFrameSlot | FrameQueue = LatestFrameSlot() if live else FrameQueue()
-        self.capture = CaptureThread(config.name, self.source, self.frames)
+        self.frames: LatestFrameSlot | FrameQueue = (
+            LatestFrameSlot() if live else FrameQueue(QUEUE_FRAMES)
+        )
+        self.capture = CaptureThread(config.name, self.source, _PrepareAhead(self, self.frames))
         self.worker = InferenceWorker(
             config.name,
             config.model,
@@ -86,11 +139,14 @@ class Pipeline:
         self.results_out = 0
         self.suppressed = 0
         self.errors = 0
-        self._fps = RateMeter()
+        # One meter per reader (telemetry messages, Prometheus scrapes): reading a
+        # rate restarts its window, so readers must not share one.
+        self._fps: dict[str, RateMeter] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        limit_opencv_threads()
         self.worker.start()
         self.capture.start()
 
@@ -109,7 +165,7 @@ class Pipeline:
 
     def restart_source(self) -> None:
         self.capture.stop()
-        self.capture = CaptureThread(self.name, self.source, self.frames)
+        self.capture = CaptureThread(self.name, self.source, _PrepareAhead(self, self.frames))
         self.capture.start()
 
     # --------------------------------------------------------------- worker hooks
@@ -138,9 +194,16 @@ class Pipeline:
         return proc
 
     def _prepare(self, model: ServedModel, frame: Frame) -> None:
-        start = time.perf_counter()
         proc = self._processing_for(model)
-        tensor, self._transform = proc.pre(frame.data)
+        data = frame.data
+        if isinstance(data, _Prepared):
+            if data.processing is proc:
+                model.loaded.interpreter.set_tensor(proc.input_index, data.tensor)
+                self._transform, self._t_pre = data.transform, data.ms
+                return
+            data = data.raw
+        start = time.perf_counter()
+        tensor, self._transform = proc.pre(data)
         model.loaded.interpreter.set_tensor(proc.input_index, tensor)
         self._t_pre = (time.perf_counter() - start) * 1000
 
@@ -209,7 +272,8 @@ class Pipeline:
             message=message,
         )
 
-    def telemetry(self, now: float) -> PipelineTelemetry:
+    def telemetry(self, now: float, reader: str = "telemetry") -> PipelineTelemetry:
+        """The pipeline's figures; ``fps`` is over the time since ``reader`` last asked."""
         stages = {}
         for stage, window in self.latency.items():
             p50, p95, p99 = window.percentiles(50, 95, 99)
@@ -220,13 +284,16 @@ class Pipeline:
         return PipelineTelemetry(
             model=self.config.model,
             version=self.worker.serving_version(),
-            fps=self._fps.rate(self.results_out + self.suppressed, now),
+            fps=self._fps.setdefault(reader, RateMeter()).rate(
+                self.results_out + self.suppressed, now
+            ),
             invoke_ms_p50=invoke.p50 if invoke else None,
             invoke_ms_p95=invoke.p95 if invoke else None,
             frames_in=self.capture.frames,
             results_out=self.results_out,
             dropped=self.frames.dropped,
             source_state=self.capture.state,
+            source_failures=self.capture.failures,
             errors=stats.errors if stats else 0,
             stages=stages,
         )

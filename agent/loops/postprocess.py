@@ -19,6 +19,9 @@ def dequantize(tensor: TensorInfo, value: np.ndarray) -> np.ndarray:
     return value.astype(np.float32, copy=False)
 
 
+_CODE_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
@@ -48,7 +51,13 @@ class Output:
 
 
 class Classifier:
-    """Dequantise, softmax when the model outputs logits, top-k with labels, threshold."""
+    """Dequantise, softmax when the model outputs logits, top-k with labels, threshold.
+
+    Per frame this is a handful of numpy calls on one small vector. A quantised output
+    whose whole code range maps into [0, 1] is a softmax's (TFLite quantises softmax
+    to scale 1/256), so it needs no check: top-k runs on the raw codes (dequantising
+    is monotonic) and only the k winners are dequantised.
+    """
 
     def __init__(
         self,
@@ -61,22 +70,38 @@ class Classifier:
         self.labels = list(labels) if labels else None
         self.top_k = top_k
         self.threshold = threshold
+        t = self.tensor
+        lo_hi = _CODE_RANGES.get(t.dtype) if t.quantized else None
+        self._codes_are_probabilities = (
+            lo_hi is not None
+            and t.scale > 0
+            and (lo_hi[0] - t.zero_point) * t.scale >= 0
+            and (lo_hi[1] - t.zero_point) * t.scale <= 1 + 1e-6
+        )
 
     def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
-        scores = dequantize(self.tensor, values[0]).reshape(-1)
-        if not _looks_like_probabilities(scores):
-            scores = _softmax(scores)
-        k = min(self.top_k, scores.size)
-        best = np.argpartition(scores, -k)[-k:]
-        best = best[np.argsort(scores[best])[::-1]]
+        raw = values[0].reshape(-1)
+        k = min(self.top_k, raw.size)
+        if self._codes_are_probabilities:
+            best = np.argpartition(raw, -k)[-k:]
+            best = best[np.argsort(raw[best])[::-1]]
+            t = self.tensor
+            top = ((raw[best].astype(np.float32) - t.zero_point) * np.float32(t.scale)).tolist()
+        else:
+            scores = dequantize(self.tensor, raw)
+            if not _looks_like_probabilities(scores):
+                scores = _softmax(scores)
+            best = np.argpartition(scores, -k)[-k:]
+            best = best[np.argsort(scores[best])[::-1]]
+            top = scores[best].tolist()
+        labels = self.labels
+        n_labels = len(labels) if labels else 0
         classes = [
             ClassScore(
-                index=int(i),
-                label=self.labels[i] if self.labels and i < len(self.labels) else None,
-                score=round(float(scores[i]), 5),
+                index=i, label=labels[i] if labels and i < n_labels else None, score=round(v, 5)
             )
-            for i in best
-            if scores[i] >= self.threshold
+            for i, v in zip(best.tolist(), top, strict=True)
+            if v >= self.threshold
         ]
         return Output(classes=classes)
 

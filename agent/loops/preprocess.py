@@ -49,13 +49,29 @@ class Transform:
         return sx, sy
 
 
+def limit_opencv_threads(n: int = 1) -> None:
+    """OpenCV splits a resize over every core by default. The agent gets its
+    parallelism from pipelining (capture and pre-processing of the next frame overlap
+    the current invoke), so a split resize only steals the inference threads' cores."""
+    if cv2 is not None and cv2.getNumThreads() != n:
+        cv2.setNumThreads(n)
+
+
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return image
     if cv2 is not None:
-        interp = cv2.INTER_AREA if width < w and height < h else cv2.INTER_LINEAR
-        out = cv2.resize(image, (width, height), interpolation=interp)
+        # Anti-aliased downscaling at a fraction of INTER_AREA's cost: OpenCV's area
+        # filter is fast only for integer factors, so a non-integer shrink of k or more
+        # goes bilinear to k times the target, then area by exactly k.
+        k = min(w // width, h // height)
+        if k >= 2:
+            if (w, h) != (width * k, height * k):
+                image = cv2.resize(image, (width * k, height * k), interpolation=cv2.INTER_LINEAR)
+            out = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        else:
+            out = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
         return out if out.ndim == image.ndim else out[..., None]
     # Without OpenCV: nearest neighbour by index arrays (no per-pixel Python).
     ys = (np.arange(height) * h // height).clip(0, h - 1)
@@ -87,7 +103,8 @@ class ImagePreprocessor:
             raise PreprocessError("manifest says gray but the model input has 3 channels")
         self.dtype = np.dtype(tensor.dtype)
         self._lut = self._build_lut()
-        self._out = np.empty(tensor.shape, self.dtype)
+        self._cv_lut = self._opencv_lut()
+        self._stretch: Transform | None = None
 
     def _build_lut(self) -> np.ndarray:
         """(channels, 256) table: pixel value -> normalised, quantised input value."""
@@ -100,7 +117,21 @@ class ImagePreprocessor:
             return np.clip(codes, lo, hi).astype(self.dtype)
         return values.astype(self.dtype)
 
+    def _opencv_lut(self) -> np.ndarray | None:
+        """The table in ``cv2.LUT``'s shape (256 x 1 x C), when OpenCV can apply it:
+        one call that releases the GIL, instead of a gather per channel."""
+        if cv2 is None:
+            return None
+        table = np.ascontiguousarray(self._lut.T.reshape(256, 1, self.channels))
+        probe = np.zeros((2, 2, self.channels) if self.channels > 1 else (2, 2), np.uint8)
+        try:
+            out = cv2.LUT(probe, table)
+        except cv2.error:  # a depth OpenCV's LUT does not take (float16): numpy does it
+            return None
+        return table if out.dtype == self.dtype else None
+
     def _color(self, image: np.ndarray) -> np.ndarray:
+        """Channels in the model's order; runs on the resized image, the small one."""
         if image.ndim == 2:
             image = image[..., None]
         have = image.shape[2]
@@ -115,7 +146,21 @@ class ImagePreprocessor:
             return np.repeat(image, 3, axis=2)
         if have == 4:
             image = image[..., :3]
-        return image[..., ::-1] if self.spec.color == "rgb" else image
+        if self.spec.color != "rgb":
+            return image
+        if cv2 is not None:
+            return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2RGB)
+        return image[..., ::-1]
+
+    def _map(self, image: np.ndarray) -> np.ndarray:
+        """Pixel values -> input codes through the table; a new array (one per frame,
+        so frames prepared ahead of the worker never share a buffer)."""
+        if self._cv_lut is not None:
+            mapped = cv2.LUT(np.ascontiguousarray(image), self._cv_lut)
+            return mapped.reshape(self.height, self.width, self.channels)
+        if self.channels == 1:
+            return self._lut[0][image]
+        return np.stack([self._lut[c][image[..., c]] for c in range(3)], axis=-1)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, Transform]:
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
@@ -123,31 +168,31 @@ class ImagePreprocessor:
                 f"expected an 8-bit image (H x W [x C]), got {image.dtype} {image.shape}"
             )
         src_h, src_w = image.shape[:2]
-        image = self._color(image)
+        have = 1 if image.ndim == 2 else image.shape[2]
+        # Resize first: colour conversion and the table lookup then touch the small image.
         if self.resize == "letterbox":
             scale = min(self.width / src_w, self.height / src_h)
             new_w, new_h = max(1, round(src_w * scale)), max(1, round(src_h * scale))
             pad_x, pad_y = (self.width - new_w) // 2, (self.height - new_h) // 2
-            canvas = np.zeros((self.height, self.width, self.channels), np.uint8)
+            canvas = np.zeros((self.height, self.width, have), np.uint8)
             resized = _resize(image, new_w, new_h)
             canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized.reshape(
-                new_h, new_w, self.channels
+                new_h, new_w, have
             )
             image = canvas
             transform = Transform(scale, scale, pad_x, pad_y, src_w, src_h)
         else:
-            image = _resize(image, self.width, self.height).reshape(
-                self.height, self.width, self.channels
-            )
-            transform = Transform(self.width / src_w, self.height / src_h, 0, 0, src_w, src_h)
-        if self.channels == 1:
-            mapped = self._lut[0][image]
-        else:
-            mapped = np.stack([self._lut[c][image[..., c]] for c in range(3)], axis=-1)
+            image = _resize(image, self.width, self.height).reshape(self.height, self.width, have)
+            cached = self._stretch
+            if cached is not None and (cached.source_w, cached.source_h) == (src_w, src_h):
+                transform = cached
+            else:
+                transform = Transform(self.width / src_w, self.height / src_h, 0, 0, src_w, src_h)
+                self._stretch = transform
+        mapped = self._map(self._color(image))
         if self.spec.layout == "NCHW":
-            mapped = mapped.transpose(2, 0, 1)
-        self._out[0] = mapped
-        return self._out, transform
+            return np.ascontiguousarray(mapped.transpose(2, 0, 1))[None], transform
+        return mapped[None], transform
 
 
 class WindowPreprocessor:

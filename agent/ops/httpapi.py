@@ -3,6 +3,7 @@
 - ``GET /healthz``: 200 when every pipeline is healthy, 503 otherwise, with details.
 - ``GET /v1/models/<name>``: the model's status and version.
 - ``POST /v1/models/<name>:predict`` with ``{"instances": [...]}``: ``{"predictions": [...]}``.
+- ``GET /metrics``: the telemetry figures in Prometheus' text format (``http.metrics``).
 
 Predictions run on an interpreter of the API's own, loaded from the active version's
 file, so the inference loops are never disturbed: their workers keep sole ownership
@@ -38,6 +39,12 @@ class ModelCatalog(Protocol):
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Whether the agent is healthy, and the details to show."""
+        ...
+
+
+class MetricsSource(Protocol):
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of one scrape; raises RuntimeError when it cannot."""
         ...
 
 
@@ -143,9 +150,11 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("http %s %s", self.address_string(), format % args)
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+        self._send_bytes(status, json.dumps(body).encode(), "application/json")
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -171,8 +180,20 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, self.server.predictor.predict(rest[: -len(":predict")], body)
         raise ApiError(405, f"{method} {path} not supported")
 
+    def _metrics(self) -> tuple[bytes, str]:
+        metrics = self.server.metrics
+        if metrics is None:
+            raise ApiError(404, "metrics are off (http.metrics: false)")
+        try:
+            return metrics.render()
+        except RuntimeError as exc:
+            raise ApiError(503, str(exc)) from None
+
     def _handle(self, method: str) -> None:
         try:
+            if method == "GET" and self.path.split("?", 1)[0] == "/metrics":
+                self._send_bytes(200, *self._metrics())
+                return
             status, body = self._route(method)
         except ApiError as exc:
             status, body = exc.status, {"error": str(exc)}
@@ -191,16 +212,21 @@ class _Handler(BaseHTTPRequestHandler):
 class _ApiServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], predictor: Predictor) -> None:
+    def __init__(
+        self, address: tuple[str, int], predictor: Predictor, metrics: MetricsSource | None
+    ) -> None:
         super().__init__(address, _Handler)
         self.predictor = predictor
+        self.metrics = metrics
 
 
 class HttpApi:
     """The server and its thread; ``port`` is the bound port (useful with port 0)."""
 
-    def __init__(self, bind: str, port: int, predictor: Predictor) -> None:
-        self._server = _ApiServer((bind, port), predictor)
+    def __init__(
+        self, bind: str, port: int, predictor: Predictor, metrics: MetricsSource | None = None
+    ) -> None:
+        self._server = _ApiServer((bind, port), predictor, metrics)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(
             target=self._server.serve_forever,
