@@ -390,9 +390,13 @@ VERSIONS = (
     "for n in names:\n"
     "    try: v[n] = m.version(n)\n"
     "    except m.PackageNotFoundError: pass\n"
+    "import ctypes\n"
+    "aux = ctypes.CDLL(None).getauxval\n"
+    "aux.restype = ctypes.c_ulong\n"
     "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(),"
-    " 'packages': v}))\n"
+    " 'hwcap2': aux(26), 'packages': v}))\n"
 )
+HWCAP2_SME = 1 << 23  # what qemu's default `max` CPU advertises and a Pi does not have
 
 
 def install_venv(chroot: Chroot, extra: str, wheel: Path) -> dict[str, Any]:
@@ -408,6 +412,8 @@ def install_venv(chroot: Chroot, extra: str, wheel: Path) -> dict[str, Any]:
     packages = info["packages"]
     if "tensorflow" in packages or "tensorflow-cpu" in packages:
         raise Failed(f"the {extra} venv pulled in TensorFlow: {packages}")
+    if info["hwcap2"] & HWCAP2_SME:
+        raise Failed(f"the emulated CPU advertises SME: QEMU_CPU={chroot.qemu_cpu} did not apply")
     if info["machine"] != "aarch64":
         raise Failed(f"the {extra} venv runs on {info['machine']}, not aarch64")
     return info
@@ -621,9 +627,11 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
             outcome: dict[str, Any] = {}
             problems: list[str] = []
             for extra, runtime in RUNTIMES.items():
-                host = {(r.frame - 1) % DIGITS: r.raw[0] for r in of("results", f"host-{extra}")}
+                reference = {
+                    (r.frame - 1) % DIGITS: r.raw[0] for r in of("results", f"host-{extra}")
+                }
                 pi_results = of("results", f"pi-{extra}")
-                verdict = compare(pi_results, host, labels, tolerance)
+                verdict = compare(pi_results, reference, labels, tolerance)
                 outcome[runtime] = {
                     "results": verdict.results,
                     "top1_agreement": round(verdict.top1_agree / max(1, verdict.results), 4),
