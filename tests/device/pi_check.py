@@ -56,6 +56,7 @@ CPU_PART = {"cortex-a72": "0xd08", "cortex-a76": "0xd0b"}
 # x86 and ARM int8 kernels may round differently: allow this many output quantisation steps.
 TOLERANCE_LSB = 3
 DIGITS = 200  # images in the synthetic digits source; frame n shows image (n - 1) % DIGITS
+WHEELHOUSE = "/root/wheelhouse"  # in the chroot; on the host: <cache>/wheels-bookworm-arm64
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -331,9 +332,25 @@ class Chroot:
         return run(self.argv(*cmd), what, timeout=timeout)
 
 
-def prepare_chroot(chroot: Chroot, mounts: Mounts, workdir: Path, pip_cache: Path) -> str:
+def add_host_certificates(root: Path) -> int:
+    """The host's extra CA certificates (a proxy's, a company's), as ``update-ca-certificates``
+    would add them: into /usr/local/share/ca-certificates and appended to the bundle that pip
+    and Python's ssl read. Done from the host: under emulation the tool takes ~40 s."""
+    extra = root / "usr/local/share/ca-certificates"
+    extra.mkdir(parents=True, exist_ok=True)
+    certs = sorted(Path("/usr/local/share/ca-certificates").glob("**/*.crt"))
+    bundle = root / "etc/ssl/certs/ca-certificates.crt"
+    with bundle.open("a") as out:
+        for crt in certs:
+            shutil.copyfile(crt, extra / crt.name)
+            pem = crt.read_text()
+            out.write(pem if pem.endswith("\n") else pem + "\n")
+    return len(certs)
+
+
+def prepare_chroot(chroot: Chroot, mounts: Mounts, workdir: Path, wheelhouse: Path) -> str:
     """Host CA certificates, pip config, DNS; /proc with a Pi's cpuinfo, /sys, /dev/shm,
-    the pip cache. Returns the machine the chroot reports."""
+    the arm64 wheelhouse. Returns the machine the chroot reports."""
     root = chroot.root
     for name in ("resolv.conf", "hosts"):
         if Path("/etc", name).exists():
@@ -341,10 +358,7 @@ def prepare_chroot(chroot: Chroot, mounts: Mounts, workdir: Path, pip_cache: Pat
             shutil.copyfile(Path("/etc", name), root / "etc" / name)
     if Path("/etc/pip.conf").is_file():
         shutil.copyfile("/etc/pip.conf", root / "etc/pip.conf")
-    extra = root / "usr/local/share/ca-certificates"
-    extra.mkdir(parents=True, exist_ok=True)
-    for crt in Path("/usr/local/share/ca-certificates").glob("**/*.crt"):
-        shutil.copyfile(crt, extra / crt.name)
+    add_host_certificates(root)
     cpuinfo = workdir / "cpuinfo"
     cpuinfo.write_text(pi_cpuinfo(chroot.qemu_cpu))
     mounts.mount(root / "proc", "-t", "proc", "proc")
@@ -352,10 +366,9 @@ def prepare_chroot(chroot: Chroot, mounts: Mounts, workdir: Path, pip_cache: Pat
     mounts.mount(root / "sys", "-t", "sysfs", "-o", "ro", "sysfs")
     (root / "dev/shm").mkdir(parents=True, exist_ok=True)
     mounts.mount(root / "dev/shm", "-t", "tmpfs", "-o", "mode=1777", "shm")
-    pip_cache.mkdir(parents=True, exist_ok=True)
-    (root / "root/.cache/pip").mkdir(parents=True, exist_ok=True)
-    mounts.bind(pip_cache, root / "root/.cache/pip")
-    chroot.run("update-ca-certificates", "update-ca-certificates")
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    (root / WHEELHOUSE.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    mounts.bind(wheelhouse, root / WHEELHOUSE.lstrip("/"))
     return chroot.run("uname -m", "uname", "-m").strip()
 
 
@@ -400,13 +413,27 @@ HWCAP2_SME = 1 << 23  # what qemu's default `max` CPU advertises and a Pi does n
 
 
 def install_venv(chroot: Chroot, extra: str, wheel: Path) -> dict[str, Any]:
-    """A venv at /opt/edge-<extra> with the agent and that extra only; returns its versions."""
+    """A venv at /opt/edge-<extra> with the agent and that extra only; returns its versions.
+
+    Dependencies come from the wheelhouse (PyPI's aarch64 wheels, kept on the host between
+    runs) and, when it lacks something, are downloaded into it from PyPI first."""
     venv = f"/opt/edge-{extra}"
-    pip = f"{venv}/bin/pip"
+    pip = [f"{venv}/bin/pip", "--disable-pip-version-check"]
+    target = f"/tmp/edge/{wheel.name}[{extra}]"
+    constraints = ["-c", "/tmp/edge/constraints.txt"]
     chroot.run(f"venv {extra}", "python3", "-m", "venv", venv)
-    chroot.run(f"pip install [{extra}]", pip, "install", "-q", "--disable-pip-version-check",
-               "-c", "/tmp/edge/constraints.txt", f"/tmp/edge/{wheel.name}[{extra}]")  # fmt: skip
-    chroot.run(f"pip check ({extra})", pip, "check")
+    offline = [*pip, "install", "-q", "--no-index", "--find-links", WHEELHOUSE, *constraints,
+               target]  # fmt: skip
+    try:
+        chroot.run(f"pip install [{extra}] from the wheelhouse", *offline)
+    except Failed:
+        chroot.run(f"pip download [{extra}]", *pip, "download", "-q", "-d", WHEELHOUSE,
+                   *constraints, target)  # fmt: skip
+        # This build of the agent is installed from its path, never from the wheelhouse.
+        for built in (chroot.root / WHEELHOUSE.lstrip("/")).glob("edge_deploy-*"):
+            built.unlink()
+        chroot.run(f"pip install [{extra}]", *offline)
+    chroot.run(f"pip check ({extra})", *pip, "check")
     info: dict[str, Any] = json.loads(chroot.run(f"versions ({extra})", f"{venv}/bin/python",
                                                  "-c", VERSIONS))  # fmt: skip
     packages = info["packages"]
@@ -529,7 +556,9 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
             report["rootfs_cache"] = "hit" if hit else "miss"
         chroot = Chroot(root, args.qemu_cpu)
         with steps.step("chroot_setup"):
-            report["chroot_machine"] = prepare_chroot(chroot, mounts, workdir, args.cache / "pip")
+            report["chroot_machine"] = prepare_chroot(
+                chroot, mounts, workdir, args.cache / f"wheels-{SUITE}-{ARCH}"
+            )
             if report["chroot_machine"] != "aarch64":
                 raise Failed(f"the chroot runs as {report['chroot_machine']}, not aarch64")
         edge = root / "tmp/edge"
