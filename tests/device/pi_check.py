@@ -422,8 +422,8 @@ def install_venv(chroot: Chroot, extra: str, wheel: Path) -> dict[str, Any]:
     target = f"/tmp/edge/{wheel.name}[{extra}]"
     constraints = ["-c", "/tmp/edge/constraints.txt"]
     chroot.run(f"venv {extra}", "python3", "-m", "venv", venv)
-    offline = [*pip, "install", "-q", "--no-compile", "--no-index", "--find-links", WHEELHOUSE, *constraints,
-               target]  # fmt: skip
+    offline = [*pip, "install", "-q", "--no-compile", "--no-index", "--find-links", WHEELHOUSE,
+               *constraints, target]  # fmt: skip
     try:
         chroot.run(f"pip install [{extra}] from the wheelhouse", *offline)
     except Failed:
