@@ -68,6 +68,10 @@ class Failed(Exception):
     """The check ran and something is wrong (exit 1)."""
 
 
+class Stopped(BaseException):
+    """SIGTERM: a BaseException, so no ``except Failed`` fallback can swallow it."""
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "edge-deploy"
@@ -738,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        raise Failed(f"stopped by signal {signum}")
+        raise Stopped(f"stopped by signal {signum}")
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -748,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Skip as e:
         print(f"pi-check: skipped: {e}", file=sys.stderr)
         return SKIPPED
-    except Failed as e:
+    except (Failed, Stopped) as e:
         report["outcome"], report["error"], code = "failed", str(e), 1
     except (Exception, KeyboardInterrupt) as e:
         report["outcome"], report["error"], code = "failed", f"{type(e).__name__}: {e}", 1
