@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := tflite,litert,camera,metrics,converter,dev
 
-.PHONY: setup test lint fmt typecheck bench demo mosquitto clean
+.PHONY: setup test lint fmt typecheck bench demo mosquitto clean pi-check
 
 setup: $(STAMP) mosquitto
 
@@ -44,6 +44,11 @@ demo: setup
 bench: setup
 	@for b in $$(ls benchmarks/*.py | xargs -n1 basename | sed 's/\.py$$//' | grep -v '^_'); do \
 		echo "== $$b"; $(PY) -m benchmarks.$$b --quick --json || exit 1; done
+
+# Not part of `make test`: the agent on an emulated Raspberry Pi OS (bookworm arm64) userland.
+# Needs root; exits 77 when the machine cannot emulate arm64. See docs/device-check.md.
+pi-check: $(STAMP) mosquitto
+	PYTHONPATH=$(CURDIR) $(PY) tests/device/pi_check.py $(PI_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

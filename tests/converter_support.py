@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from agent.models.manifest import Preprocess
+from converter.bundle import Task
 from converter.examples import DIGITS_STD, ExampleFiles, build_digits
 from converter.pipeline import ConvertOptions, run_convert
 
@@ -36,6 +37,7 @@ def build_digits_bundle(
     *,
     name: str = "digits",
     samples: int = 100,
+    task: Task = "classify",
 ) -> Path:
     """A full-integer int8 digits bundle at ``dest_dir``, validated and (with a key) signed."""
     example = digits_example()
@@ -51,6 +53,7 @@ def build_digits_bundle(
             version=version,
             preprocess=Preprocess(std=[DIGITS_STD]),
             sign_key=sign_key,
+            task=task,
             progress=False,
         )
     )
