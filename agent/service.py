@@ -121,7 +121,7 @@ class Agent:
             config.device.id,
             DeviceSampler(config.state_dir),
             lambda now: {n: p.telemetry(now) for n, p in self.pipelines.items()},
-            lambda: int(self.outbox.stats()["depth"]),
+            self.outbox.stats,
         )
         self.http: HttpApi | None = None
         if config.http.enabled:
@@ -140,7 +140,7 @@ class Agent:
             self.config.device.id,
             DeviceSampler(self.config.state_dir),
             lambda now: {n: p.telemetry(now, "metrics") for n, p in self.pipelines.items()},
-            lambda: int(self.outbox.stats()["depth"]),
+            self.outbox.stats,
         )
         return MetricsExporter(reporter.build, self.outbox.stats)
 

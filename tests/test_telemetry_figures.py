@@ -45,3 +45,18 @@ def test_device_sampler_reports_real_figures(tmp_path: Path) -> None:
     assert figures.mem_rss_mb == rss_mb() or abs((figures.mem_rss_mb or 0) - (rss_mb() or 0)) < 5
     assert figures.disk_free_mb is not None and figures.disk_free_mb > 0
     assert figures.temperature_c is None
+
+
+def test_reporter_carries_outbox_depth_and_drops(tmp_path: Path) -> None:
+    from agent.ops.telemetry import TelemetryReporter
+    from agent.protocol import PipelineTelemetry
+
+    reporter = TelemetryReporter(
+        "pi-1",
+        DeviceSampler(tmp_path, thermal_glob=str(tmp_path / "none")),
+        lambda now: {"cam": PipelineTelemetry(frames_in=3)},
+        lambda: {"depth": 7, "dropped": {"telemetry": 2, "results": 1, "intake": 0}},
+    )
+    t = reporter.build()
+    assert (t.outbox_depth, t.outbox_dropped) == (7, 3)
+    assert t.pipelines["cam"].frames_in == 3 and t.device == "pi-1"

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.protocol import PipelineTelemetry, Telemetry
 
@@ -96,15 +97,16 @@ class TelemetryReporter:
         device: str,
         sampler: DeviceSampler,
         pipelines: Callable[[float], dict[str, PipelineTelemetry]],
-        outbox_depth: Callable[[], int],
+        outbox_stats: Callable[[], dict[str, Any]],
     ) -> None:
         self.device = device
         self.sampler = sampler
         self.pipelines = pipelines
-        self.outbox_depth = outbox_depth
+        self.outbox_stats = outbox_stats
 
     def build(self) -> Telemetry:
         figures = self.sampler.sample()
+        outbox = self.outbox_stats()
         now = time.time()
         return Telemetry(
             device=self.device,
@@ -116,6 +118,7 @@ class TelemetryReporter:
             load_1m=figures.load_1m,
             temperature_c=figures.temperature_c,
             disk_free_mb=figures.disk_free_mb,
-            outbox_depth=self.outbox_depth(),
+            outbox_depth=int(outbox.get("depth", 0)),
+            outbox_dropped=sum(int(n) for n in outbox.get("dropped", {}).values()),
             pipelines=self.pipelines(time.monotonic()),
         )
