@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.models.manifest import Metrics
-from agent.models.runtime import LoadedModel, TensorInfo, load_model
+from agent.models.runtime import LoadedModel, load_model
 from converter.errors import AccuracyGateFailed, ConverterError
 from converter.progress import ProgressBar
 
@@ -52,22 +52,6 @@ class Evaluation:
             )
 
 
-def quantize(x: np.ndarray, info: TensorInfo) -> np.ndarray:
-    """Float input -> the tensor's dtype, with its scale and zero point when quantised."""
-    dtype = np.dtype(info.dtype)
-    if not info.quantized or dtype.kind == "f":
-        return x.astype(dtype)
-    limits = np.iinfo(dtype)
-    q = np.round(x / info.scale + info.zero_point)
-    return np.clip(q, limits.min, limits.max).astype(dtype)
-
-
-def dequantize(q: np.ndarray, info: TensorInfo) -> np.ndarray:
-    if not info.quantized:
-        return q.astype(np.float32)
-    return (q.astype(np.float32) - info.zero_point) * np.float32(info.scale)
-
-
 def run_tflite(
     model: bytes | LoadedModel, x: np.ndarray, progress: ProgressBar | None = None
 ) -> list[np.ndarray]:
@@ -79,10 +63,10 @@ def run_tflite(
     interpreter = loaded.interpreter
     results: list[list[np.ndarray]] = [[] for _ in loaded.outputs]
     for i in range(len(x)):
-        interpreter.set_tensor(inp.index, quantize(x[i : i + 1], inp))
+        interpreter.set_tensor(inp.index, inp.quantize(x[i : i + 1]))
         interpreter.invoke()
         for slot, out in zip(results, loaded.outputs, strict=True):
-            slot.append(dequantize(interpreter.get_tensor(out.index), out))
+            slot.append(out.dequantize(interpreter.get_tensor(out.index)))
         if progress is not None:
             progress.advance()
     return [np.concatenate(parts) for parts in results]

@@ -15,7 +15,6 @@ import pytest
 
 from agent.models.manifest import read_bundle
 from agent.models.runtime import load_model
-from converter.evaluate import dequantize, quantize
 from converter.examples import ExampleFiles
 
 pytestmark = pytest.mark.slow
@@ -131,9 +130,9 @@ def test_digits_int8_runs_on_both_device_runtimes(
         x, y = data["x"] / 255.0, data["y"]
     predictions = []
     for i in range(len(x)):
-        loaded.interpreter.set_tensor(inp.index, quantize(x[i : i + 1], inp))
+        loaded.interpreter.set_tensor(inp.index, inp.quantize(x[i : i + 1]))
         loaded.interpreter.invoke()
-        predictions.append(dequantize(loaded.interpreter.get_tensor(out.index), out).argmax())
+        predictions.append(out.dequantize(loaded.interpreter.get_tensor(out.index)).argmax())
     accuracy = float(np.mean(np.array(predictions) == y))
     assert accuracy == pytest.approx(result["int8_accuracy"], abs=0.01)
 

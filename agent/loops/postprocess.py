@@ -13,15 +13,6 @@ from agent.models.runtime import TensorInfo
 from agent.protocol import ClassScore, Detection
 
 
-def dequantize(tensor: TensorInfo, value: np.ndarray) -> np.ndarray:
-    if tensor.quantized:
-        return (value.astype(np.float32) - tensor.zero_point) * np.float32(tensor.scale)
-    return value.astype(np.float32, copy=False)
-
-
-_CODE_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
-
-
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
@@ -71,7 +62,12 @@ class Classifier:
         self.top_k = top_k
         self.threshold = threshold
         t = self.tensor
-        lo_hi = _CODE_RANGES.get(t.dtype) if t.quantized else None
+        codes = np.dtype(t.dtype)
+        lo_hi = (
+            (int(np.iinfo(codes).min), int(np.iinfo(codes).max))
+            if t.quantized and codes.kind in "iu"
+            else None
+        )
         self._codes_are_probabilities = (
             lo_hi is not None
             and t.scale > 0
@@ -88,7 +84,7 @@ class Classifier:
             t = self.tensor
             top = ((raw[best].astype(np.float32) - t.zero_point) * np.float32(t.scale)).tolist()
         else:
-            scores = dequantize(self.tensor, raw)
+            scores = self.tensor.dequantize(raw)
             if not _looks_like_probabilities(scores):
                 scores = _softmax(scores)
             best = np.argpartition(scores, -k)[-k:]
@@ -146,10 +142,10 @@ class Detector:
 
     def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
         ib, ic, isc, icount = self.order
-        boxes = dequantize(self.outputs[ib], values[ib]).reshape(-1, 4)
-        classes = dequantize(self.outputs[ic], values[ic]).reshape(-1)
-        scores = dequantize(self.outputs[isc], values[isc]).reshape(-1)
-        n = min(int(dequantize(self.outputs[icount], values[icount]).reshape(-1)[0]), len(scores))
+        boxes = self.outputs[ib].dequantize(values[ib]).reshape(-1, 4)
+        classes = self.outputs[ic].dequantize(values[ic]).reshape(-1)
+        scores = self.outputs[isc].dequantize(values[isc]).reshape(-1)
+        n = min(int(self.outputs[icount].dequantize(values[icount]).reshape(-1)[0]), len(scores))
         keep = np.nonzero(scores[:n] >= self.threshold)[0]
         if keep.size == 0:
             return Output(detections=[])
@@ -187,7 +183,7 @@ class RawOutputs:
     def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
         return Output(
             raw=[
-                [round(float(v), 6) for v in dequantize(t, x).reshape(-1)]
+                [round(float(v), 6) for v in t.dequantize(x).reshape(-1)]
                 for t, x in zip(self.outputs, values, strict=True)
             ]
         )

@@ -24,8 +24,6 @@ try:  # optional: the camera extra
 except ImportError:  # pragma: no cover - exercised on devices without OpenCV
     cv2 = None
 
-_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
-
 
 class PreprocessError(ValueError):
     """A frame that cannot be turned into this model's input."""
@@ -111,11 +109,7 @@ class ImagePreprocessor:
         mean = np.broadcast_to(np.asarray(self.spec.mean, np.float64), (self.channels,))
         std = np.broadcast_to(np.asarray(self.spec.std, np.float64), (self.channels,))
         values = (np.arange(256, dtype=np.float64)[None, :] - mean[:, None]) / std[:, None]
-        if self.tensor.quantized and self.dtype.name in _RANGES:
-            lo, hi = _RANGES[self.dtype.name]
-            codes = np.round(values / self.tensor.scale + self.tensor.zero_point)
-            return np.clip(codes, lo, hi).astype(self.dtype)
-        return values.astype(self.dtype)
+        return self.tensor.quantize(values)
 
     def _opencv_lut(self) -> np.ndarray | None:
         """The table in ``cv2.LUT``'s shape (256 x 1 x C), when OpenCV can apply it:
@@ -212,10 +206,7 @@ class WindowPreprocessor:
                 f"{self.tensor.shape} ({self.size} values)"
             )
         x = (window.astype(np.float32) - self.mean) / self.std
-        if self.tensor.quantized and self.dtype.name in _RANGES:
-            lo, hi = _RANGES[self.dtype.name]
-            x = np.clip(np.round(x / self.tensor.scale + self.tensor.zero_point), lo, hi)
-        return x.astype(self.dtype).reshape(self.tensor.shape), None
+        return self.tensor.quantize(x).reshape(self.tensor.shape), None
 
 
 def make_preprocessor(

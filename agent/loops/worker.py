@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from agent.loops.frames import Frame, FrameInput
+from agent.loops.stats import LatencyWindow
 from agent.models.runtime import LoadedModel, load_model
 from agent.models.serving import ServingStats, SwapDone
 from agent.models.validate import Requirements
@@ -79,14 +80,7 @@ def feed_tensor(model: ServedModel, frame: Frame) -> None:
 def dequantised_outputs(model: ServedModel, frame: Frame) -> list[np.ndarray]:
     """Default finish: every output as float32, dequantised when the model is quantised."""
     interpreter = model.loaded.interpreter
-    outputs = []
-    for info in model.loaded.outputs:
-        raw = interpreter.get_tensor(info.index)
-        if info.quantized:
-            outputs.append((raw.astype(np.float32) - info.zero_point) * info.scale)
-        else:
-            outputs.append(np.array(raw, dtype=np.float32))
-    return outputs
+    return [info.dequantize(interpreter.get_tensor(info.index)) for info in model.loaded.outputs]
 
 
 def _all_finite(outputs: Any) -> bool:
@@ -109,15 +103,15 @@ class _VersionStats:
         self.errors = 0
         self.nonfinite = 0
         self.last_error: str | None = None
-        self._latency = np.zeros(_LATENCY_WINDOW, dtype=np.float64)
+        self._latency = LatencyWindow(_LATENCY_WINDOW)
 
     def record(self, ms: float) -> None:
-        self._latency[self.invokes % _LATENCY_WINDOW] = ms
+        self._latency.add(ms)
         self.invokes += 1
 
     def snapshot(self) -> ServingStats:
-        n = min(self.invokes, _LATENCY_WINDOW)
-        window = self._latency[:n]
+        window = self._latency.values()
+        n = window.size
         return ServingStats(
             version=self.version,
             invokes=self.invokes,

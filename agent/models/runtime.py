@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 RuntimeName = Literal["ai_edge_litert", "tflite_runtime", "tensorflow"]
@@ -76,6 +78,21 @@ class TensorInfo:
     @property
     def quantized(self) -> bool:
         return self.scale != 0.0
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Real values to this tensor's dtype, through its scale and zero point if quantised."""
+        dtype = np.dtype(self.dtype)
+        if not self.quantized or dtype.kind == "f":
+            return x.astype(dtype)
+        limits = np.iinfo(dtype)
+        codes = np.round(x / self.scale + self.zero_point)
+        return np.clip(codes, limits.min, limits.max).astype(dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """This tensor's values as float32 real values."""
+        if not self.quantized:
+            return q.astype(np.float32, copy=False)
+        return (q.astype(np.float32) - self.zero_point) * np.float32(self.scale)
 
     @classmethod
     def from_detail(cls, d: dict[str, Any]) -> TensorInfo:

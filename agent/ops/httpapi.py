@@ -29,7 +29,6 @@ from agent.models.runtime import LoadedModel
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024 * 1024
-_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
 
 
 class ModelCatalog(Protocol):
@@ -115,31 +114,13 @@ class Predictor:
                     ) from None
                 if not np.isfinite(x).all():
                     raise ApiError(400, f"instances[{i}] holds NaN or infinity")
-                model.interpreter.set_tensor(
-                    inp.index, _quantize(x, inp.dtype, inp.scale, inp.zero_point)
-                )
+                model.interpreter.set_tensor(inp.index, inp.quantize(x))
                 model.interpreter.invoke()
-                outs = [
-                    _dequantize(model.interpreter.get_tensor(o.index), o.scale, o.zero_point)
-                    for o in model.outputs
-                ]
+                outs = [o.dequantize(model.interpreter.get_tensor(o.index)) for o in model.outputs]
                 predictions.append(
                     outs[0][0].tolist() if len(outs) == 1 else [o[0].tolist() for o in outs]
                 )
         return {"predictions": predictions, "model_version": entry.version}
-
-
-def _quantize(x: np.ndarray, dtype: str, scale: float, zero_point: int) -> np.ndarray:
-    if scale and dtype in _RANGES:
-        lo, hi = _RANGES[dtype]
-        return np.clip(np.round(x / scale + zero_point), lo, hi).astype(dtype)
-    return x.astype(dtype)
-
-
-def _dequantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    if scale:
-        return (x.astype(np.float32) - zero_point) * np.float32(scale)
-    return x.astype(np.float32)
 
 
 class _Handler(BaseHTTPRequestHandler):
