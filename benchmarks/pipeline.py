@@ -301,7 +301,7 @@ def agent_child(args: dict[str, Any]) -> None:
                 c1, t1 = pipeline.results_out + pipeline.suppressed, time.perf_counter()
                 rss = rss_mb()
                 pipeline.capture.stop()
-                while len(pipeline.frames):
+                while pipeline.busy:
                     time.sleep(0.01)
                 wait_drained(link.outbox)
                 print(json.dumps({"fps": (c1 - c0) / (t1 - t0)}), flush=True)

@@ -45,7 +45,11 @@ class Running:
 
 @contextmanager
 def start_pipeline(
-    bundle: Path, runtime: str, config: dict[str, Any], serve: bool = True
+    bundle: Path,
+    runtime: str,
+    config: dict[str, Any],
+    serve: bool = True,
+    publish: Callable[[Result], object] | None = None,
 ) -> Iterator[Running]:
     manifest: Manifest = read_bundle(bundle).manifest
     results: list[Result] = []
@@ -54,7 +58,7 @@ def start_pipeline(
         PipelineConfig.model_validate({"name": "cam", "model": "digits", **config}),
         device="pi-test",
         manifests=lambda name, version: manifest if version == "1" else None,
-        publish=results.append,
+        publish=publish or results.append,
         load=lambda path: rt.load_model(path, runtime=runtime_, num_threads=1),
     )
     pipeline.start()
@@ -142,6 +146,54 @@ def test_source_that_fails_and_comes_back(bundle: Path, tmp_path: Path) -> None:
         assert p.state().status == "running"
         stats = p.worker.stats("1")
         assert stats is not None and stats.errors == 0
+
+
+def write_clip(path: Path, frames: int) -> Path:
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 48))
+    for i in range(frames):
+        writer.write(np.full((48, 64, 3), 5 * i, np.uint8))
+    writer.release()
+    return path
+
+
+def test_failing_publish_is_counted_and_results_go_on(bundle: Path, tmp_path: Path) -> None:
+    published: list[Result] = []
+
+    def flaky(result: Result) -> None:
+        if result.frame % 3 == 0:
+            raise OSError("outbox refused")
+        published.append(result)
+
+    video = write_clip(tmp_path / "clip.avi", 30)
+    config = {"source": {"type": "video", "path": str(video), "pace": "fast", "loop": False},
+              "queue": "fifo"}  # fmt: skip
+    with start_pipeline(bundle, "ai_edge_litert", config, publish=flaky) as run:
+        wait_for(lambda: run.pipeline.capture.state == "ended" and not run.pipeline.busy)
+        telemetry = run.pipeline.telemetry(time.monotonic())
+    assert [r.frame for r in published] == [n for n in range(1, 31) if n % 3]
+    assert telemetry.errors == 10
+
+
+def test_stop_publishes_every_result_already_inferred(bundle: Path, tmp_path: Path) -> None:
+    published: list[Result] = []
+
+    def slow(result: Result) -> None:  # an outbox far behind: results queue up
+        time.sleep(0.01)
+        published.append(result)
+
+    video = write_clip(tmp_path / "clip.avi", 60)
+    config = {"source": {"type": "video", "path": str(video), "pace": "fast", "loop": False},
+              "queue": "fifo"}  # fmt: skip
+    with start_pipeline(bundle, "ai_edge_litert", config, publish=slow) as run:
+        wait_for(lambda: run.pipeline.capture.state == "ended")
+        assert run.pipeline.busy
+    # stop() ran on leaving the block: whatever the worker had served was published.
+    stats = run.pipeline.worker.stats("1")
+    invokes = stats.invokes if stats is not None else -1
+    assert invokes > 0 and len(published) == invokes
+    assert [r.frame for r in published] == list(range(1, invokes + 1))
 
 
 def test_readme_pipeline_example_is_a_valid_config() -> None:

@@ -37,6 +37,27 @@ def test_int8_lookup_matches_the_direct_formula() -> None:
     assert transform == Transform(1.0, 1.0, 0, 0, 4, 4)
 
 
+def test_per_channel_normalisation_uses_a_table_per_channel() -> None:
+    t = tensor((1, 4, 4, 3), "int8", scale=0.02, zp=3)
+    mean, std = [100.0, 120.0, 140.0], [50.0, 60.0, 70.0]
+    pre = ImagePreprocessor(t, Preprocess(mean=mean, std=std, color="bgr"))
+    bgr = np.random.default_rng(1).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    out, _ = pre(bgr)
+    x = (bgr.astype(np.float64) - np.array(mean)) / np.array(std)
+    expect = np.clip(np.round(x / t.scale + t.zero_point), -128, 127).astype(np.int8)
+    assert np.array_equal(out[0], expect)
+
+
+def test_non_integer_shrink_is_anti_aliased() -> None:
+    """A one-pixel checkerboard shrunk by 2.86 x 2.14 must come out flat grey: plain
+    bilinear sampling of it gives stripes of black and white (aliasing)."""
+    board = ((np.indices((480, 640)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    pre = ImagePreprocessor(tensor((1, 224, 224, 1), "uint8", 1.0, 0), Preprocess(color="gray"))
+    out, _ = pre(board[..., None])
+    assert abs(float(out.mean()) - 127.5) < 2
+    assert int(out.min()) >= 120 and int(out.max()) <= 135
+
+
 def test_float_input_and_bgr_order_and_nchw() -> None:
     t = tensor((1, 3, 2, 2), "float32")
     pre = ImagePreprocessor(t, Preprocess(mean=[0.0], std=[255.0], color="bgr", layout="NCHW"))

@@ -1,8 +1,10 @@
-"""A pipeline: source -> capture thread -> slot or queue -> inference worker -> outbox.
+"""A pipeline: source -> capture thread -> slot or queue -> inference worker -> results
+thread -> outbox.
 
-The capture thread and the worker overlap: while the worker invokes the model on one
-frame, the capture thread decodes and pre-processes the next, so the worker's own
-per-frame work is little more than the invoke. Processing is built per model version
+Three threads overlap: while the worker invokes the model on one frame, the capture
+thread decodes and pre-processes the next and the results thread post-processes and
+publishes the previous one, so the worker's own per-frame work is little more than
+the invoke (the model's speed is the pipeline's limit). Processing is built per model version
 from that version's manifest and the interpreter's own tensor details, so a hot-swap
 brings its own: the worker builds it, and the capture thread pre-processes with
 whatever processing the worker last built. A frame prepared for another version
@@ -13,6 +15,7 @@ a tensor shaped for its predecessor.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +50,8 @@ STAGES = ("wait", "preprocess", "invoke", "postprocess", "handover")
 # Enough to ride out jitter between capture and worker; the producer blocks beyond it.
 # Deeper only adds latency and memory (a 640x480 frame is 0.9 MB).
 QUEUE_FRAMES = 8
+# Results waiting for post-processing; past this the worker waits (back-pressure).
+RESULTS_QUEUE = 64
 
 
 @dataclass
@@ -55,6 +60,15 @@ class _Processing:
     pre: Callable[[np.ndarray], tuple[np.ndarray, Transform | None]]
     post: Callable[..., Output]
     input_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class _FrameContext:
+    """What the results thread needs to know about how a frame was prepared."""
+
+    processing: _Processing
+    transform: Transform | None
+    pre_ms: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +117,12 @@ class Pipeline:
         publish: ResultSink,
         load: Callable[[Path], LoadedModel],
         source: Source | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.name = config.name
         self.device = device
         self._manifests = manifests
         self._publish = publish
-        self._clock = clock
         self.source = source if source is not None else create_source(config.source)
         live = self.source.live or config.queue == "latest"
         self.frames: LatestFrameSlot | FrameQueue = (
@@ -121,7 +133,7 @@ class Pipeline:
             config.name,
             config.model,
             self.frames,
-            self._on_result,
+            self._hand_on,
             load=load,
             prepare=self._prepare,
             finish=self._finish,
@@ -129,12 +141,13 @@ class Pipeline:
         self.policy = PublishPolicy(
             config.publish.mode, config.publish.max_per_s, config.publish.score_delta
         )
-        # Worker-thread state: the processing for the version being served, and what
-        # the current frame's hooks hand to each other.
+        # The processing for the version being served: built by the worker thread,
+        # read by the capture thread (prepare ahead), replaced by ``update``.
         self._processing: _Processing | None = None
-        self._transform: Transform | None = None
-        self._t_pre = 0.0
-        self._t_post = 0.0
+        self._results: queue.Queue[InferenceResult] = queue.Queue(RESULTS_QUEUE)
+        self._results_stop = threading.Event()
+        self._results_thread: threading.Thread | None = None
+        # Written by the results thread only.
         self.latency = {stage: LatencyWindow() for stage in STAGES}
         self.results_out = 0
         self.suppressed = 0
@@ -147,12 +160,27 @@ class Pipeline:
 
     def start(self) -> None:
         limit_opencv_threads()
+        self._results_stop.clear()
+        self._results_thread = threading.Thread(
+            target=self._publish_results, name=f"results-{self.name}", daemon=True
+        )
+        self._results_thread.start()
         self.worker.start()
         self.capture.start()
 
     def stop(self) -> None:
         self.capture.stop()
         self.worker.stop()
+        # After the worker: every result it produced is still published.
+        self._results_stop.set()
+        if self._results_thread is not None:
+            self._results_thread.join(5.0)
+            self._results_thread = None
+
+    @property
+    def busy(self) -> bool:
+        """Frames or results still waiting in the pipeline (for a caller draining it)."""
+        return len(self.frames) > 0 or self._results.unfinished_tasks > 0
 
     def update(self, config: PipelineConfig) -> None:
         """Take live changes (threshold, top_k, publish policy) from a new config."""
@@ -193,43 +221,75 @@ class Pipeline:
         self._processing = proc
         return proc
 
-    def _prepare(self, model: ServedModel, frame: Frame) -> None:
+    def _prepare(self, model: ServedModel, frame: Frame) -> _FrameContext:
         proc = self._processing_for(model)
         data = frame.data
         if isinstance(data, _Prepared):
             if data.processing is proc:
                 model.loaded.interpreter.set_tensor(proc.input_index, data.tensor)
-                self._transform, self._t_pre = data.transform, data.ms
-                return
+                return _FrameContext(proc, data.transform, data.ms)
             data = data.raw
         start = time.perf_counter()
-        tensor, self._transform = proc.pre(data)
+        tensor, transform = proc.pre(data)
         model.loaded.interpreter.set_tensor(proc.input_index, tensor)
-        self._t_pre = (time.perf_counter() - start) * 1000
+        return _FrameContext(proc, transform, (time.perf_counter() - start) * 1000)
 
     def _finish(self, model: ServedModel, frame: Frame) -> list[np.ndarray]:
         interpreter = model.loaded.interpreter
-        # Raw output tensors go back to the worker, which checks them for NaN/inf
-        # (probation) before the sink post-processes them.
+        # Raw output tensors (copies) go back to the worker, which checks them for
+        # NaN/inf (probation) before the results thread post-processes them.
         return [interpreter.get_tensor(o.index) for o in model.loaded.outputs]
 
+    def _hand_on(self, result: InferenceResult) -> None:
+        """The worker's sink: queue the result for the results thread. Waits when that
+        thread is far behind, so results are never dropped and memory stays bounded."""
+        while True:
+            try:
+                self._results.put(result, timeout=0.1)
+                return
+            except queue.Full:
+                if self._results_stop.is_set():
+                    return
+
+    # --------------------------------------------------------------- results thread
+
+    def _publish_results(self) -> None:
+        while True:
+            try:
+                result = self._results.get(timeout=0.1)
+            except queue.Empty:
+                if self._results_stop.is_set():
+                    return
+                continue
+            try:
+                self._on_result(result)
+            except Exception as exc:  # a bad output or a bad hook must not end the thread
+                self.errors += 1
+                if self.errors == 1 or self.errors % 100 == 0:
+                    logger.warning(
+                        "pipeline %s: cannot publish the result of frame %d (%d errors): %s",
+                        self.name,
+                        result.seq,
+                        self.errors,
+                        exc,
+                    )
+            finally:
+                self._results.task_done()
+
     def _on_result(self, result: InferenceResult) -> None:
-        proc = self._processing
-        if proc is None:
-            return
+        context: _FrameContext = result.context
         start = time.perf_counter()
-        output = proc.post(result.outputs, self._transform)
+        output = context.processing.post(result.outputs, context.transform)
         post_ms = (time.perf_counter() - start) * 1000
         lat = self.latency
-        total_ms = (self._clock() - result.ts) * 1000
-        lat["wait"].add(max(0.0, total_ms - result.invoke_ms - self._t_pre - post_ms))
-        lat["preprocess"].add(self._t_pre)
+        to_done_ms = (result.done - result.ts) * 1000
+        lat["wait"].add(max(0.0, to_done_ms - result.invoke_ms - context.pre_ms))
+        lat["preprocess"].add(context.pre_ms)
         lat["invoke"].add(result.invoke_ms)
         lat["postprocess"].add(post_ms)
         if not self.policy.should_publish(output):
             self.suppressed += 1
             return
-        start = time.perf_counter()
         self._publish(
             Result(
                 device=self.device,
@@ -239,13 +299,15 @@ class Pipeline:
                 frame=result.seq,
                 model=result.model,
                 version=result.version,
-                latency_ms=round(self._t_pre + result.invoke_ms + post_ms, 3),
+                latency_ms=round(context.pre_ms + result.invoke_ms + post_ms, 3),
                 classes=output.classes,
                 detections=output.detections,
                 raw=output.raw,
             )
         )
-        lat["handover"].add((time.perf_counter() - start) * 1000)
+        # From the worker's hand-over to the outbox's, less the post-processing.
+        handover_ms = (time.time() - result.done) * 1000 - post_ms
+        lat["handover"].add(max(0.0, handover_ms))
         self.results_out += 1
 
     # ------------------------------------------------------------------ reporting
@@ -294,6 +356,6 @@ class Pipeline:
             dropped=self.frames.dropped,
             source_state=self.capture.state,
             source_failures=self.capture.failures,
-            errors=stats.errors if stats else 0,
+            errors=(stats.errors if stats else 0) + self.errors,
             stages=stages,
         )

@@ -7,9 +7,10 @@ old one back to the helper to be released. Each frame is served whole by the mod
 that is current when its inference starts, so a swap neither drops nor repeats a
 frame, and every result names the version that made it.
 
-Per frame: ``prepare`` (frame -> input tensors), invoke, ``finish`` (output tensors ->
-outputs), then the sink. Invoke errors and non-finite outputs are counted per version
-(the probation figures) and never stop the thread.
+Per frame: ``prepare`` (frame -> input tensors; what it returns travels with the
+result as its ``context``), invoke, ``finish`` (output tensors -> outputs), then the
+sink. Invoke errors and non-finite outputs are counted per version (the probation
+figures) and never stop the thread.
 """
 
 from __future__ import annotations
@@ -58,9 +59,12 @@ class InferenceResult:
     ts: float
     invoke_ms: float
     outputs: Any
+    context: Any = None
+    #: Unix time when the outputs were read back, for the latency of each stage.
+    done: float = 0.0
 
 
-Prepare = Callable[[ServedModel, Frame], None]
+Prepare = Callable[[ServedModel, Frame], Any]
 Finish = Callable[[ServedModel, Frame], Any]
 Sink = Callable[[InferenceResult], None]
 Loader = Callable[[Path], LoadedModel]
@@ -348,7 +352,7 @@ class InferenceWorker:
         if model is None or stats is None:
             return
         try:
-            self._prepare(model, frame)
+            context = self._prepare(model, frame)
             start = time.perf_counter()
             model.loaded.interpreter.invoke()
             invoke_ms = (time.perf_counter() - start) * 1000
@@ -385,6 +389,8 @@ class InferenceWorker:
                     frame.ts,
                     invoke_ms,
                     outputs,
+                    context,
+                    time.time(),
                 )
             )
         except Exception:
