@@ -400,7 +400,11 @@ class PipelineTelemetry(Message):
     source_failures: int = 0
     stages: dict[str, StageLatency] = Field(
         default_factory=dict,
-        description="wait, preprocess, invoke, postprocess, handover",
+        description=(
+            "ms per stage: wait (capture to the start of inference, less preprocess), "
+            "preprocess, invoke, postprocess, handover (inference done to the outbox, "
+            "less postprocess)"
+        ),
     )
 
 

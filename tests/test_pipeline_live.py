@@ -196,6 +196,28 @@ def test_stop_publishes_every_result_already_inferred(bundle: Path, tmp_path: Pa
     assert [r.frame for r in published] == list(range(1, invokes + 1))
 
 
+def test_reduced_decode_of_an_mjpg_video_classifies_right(bundle: Path, tmp_path: Path) -> None:
+    """Digits as a 64x64 MJPG video: the source decodes each frame at 1/8 (the model's
+    8x8), and the answers are as right as on the full frames."""
+    import cv2
+
+    images, labels = digit_samples()
+    video = tmp_path / "digits.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 64))
+    for image in images[:100]:
+        writer.write(cv2.cvtColor(np.kron(image, np.ones((8, 8), np.uint8)), cv2.COLOR_GRAY2BGR))
+    writer.release()
+    config = {"source": {"type": "video", "path": str(video), "pace": "fast", "loop": False},
+              "queue": "fifo"}  # fmt: skip
+    with start_pipeline(bundle, "ai_edge_litert", config) as run:
+        wait_for(lambda: run.pipeline.capture.state == "ended" and not run.pipeline.busy)
+        target = run.pipeline.source.target_size
+    assert target == (8, 8)
+    assert [r.frame for r in run.results] == list(range(1, 101))
+    right = sum(r.classes[0].label == str(labels[r.frame - 1]) for r in run.results)
+    assert right >= 90, f"{right}/100 right"
+
+
 def test_readme_pipeline_example_is_a_valid_config() -> None:
     import yaml
 

@@ -164,6 +164,25 @@ def test_detect_maps_boxes_to_source_pixels() -> None:
     assert d.box == pytest.approx((0.0, 0.0, 10.0, 10.0))
 
 
+def test_boxes_from_a_reduced_decode_land_in_full_source_pixels() -> None:
+    outs = [
+        TensorInfo("boxes", 0, (1, 2, 4), "float32", 0.0, 0),
+        TensorInfo("classes", 1, (1, 2), "float32", 0.0, 0),
+        TensorInfo("scores", 2, (1, 2), "float32", 0.0, 0),
+        TensorInfo("count", 3, (1,), "float32", 0.0, 0),
+    ]
+    # A 640x480 camera decoded at 1/2 (320x240), stretched into a 160x160 model input.
+    pre = ImagePreprocessor(tensor((1, 160, 160, 3), "uint8", 1.0, 0), Preprocess())
+    _, transform = pre(np.zeros((240, 320, 3), np.uint8))
+    transform = transform.for_source(640, 480)
+    det = Detector(outs, None, input_size=(160, 160), threshold=0.5)
+    boxes = np.array([[[0.25, 0.5, 0.75, 1.0], [0, 0, 1, 1]]], np.float32)  # y0 x0 y1 x1
+    scores = np.array([[0.9, 0.1]], np.float32)
+    out = det([boxes, np.zeros((1, 2), np.float32), scores, np.ones(1, np.float32)], transform)
+    assert out.detections is not None and len(out.detections) == 1
+    assert out.detections[0].box == pytest.approx((320.0, 120.0, 640.0, 360.0))
+
+
 def test_detect_needs_four_outputs() -> None:
     with pytest.raises(ValueError, match="needs 4 outputs"):
         Detector([tensor((1, 3))], None, (10, 10))

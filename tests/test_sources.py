@@ -16,6 +16,7 @@ from agent import config as c
 from agent.loops.frames import Frame, FrameQueue, LatestFrameSlot
 from agent.loops.sources import CaptureThread, EndOfStream, SourceError, create_source
 from agent.loops.sources.base import Source, source_types
+from agent.loops.sources.jpeg import MjpegReader, reduction_for
 from agent.loops.sources.sensor import SensorWindows
 from agent.loops.sources.synthetic import digit_samples
 
@@ -95,6 +96,86 @@ def test_video_file_loops_or_ends(tmp_path: Path) -> None:
     drain(once, 5)
     with pytest.raises(EndOfStream):
         once.read()
+
+
+def test_reduction_keeps_at_least_the_target_both_ways() -> None:
+    assert reduction_for((640, 480), None) == 1
+    assert reduction_for((640, 480), (224, 224)) == 2
+    assert reduction_for((640, 480), (160, 120)) == 4
+    assert reduction_for((640, 480), (161, 120)) == 2
+    assert reduction_for((640, 480), (32, 32)) == 8
+    assert reduction_for((640, 480), (640, 480)) == 1
+
+
+def test_mjpg_video_is_decoded_at_the_size_the_model_needs(tmp_path: Path) -> None:
+    path = write_video(tmp_path / "clip.avi", frames=4, size=(640, 480))
+    source = create_source(c.VideoSource(type="video", path=path, pace="fast"))
+    source.open()
+    try:
+        frame, meta = drain(source, 1)[0]
+        assert frame.shape == (480, 640, 3) and meta == {}
+        source.target_size = (224, 224)
+        frames = drain(source, 5)  # past the end: the file loops in this mode too
+        assert all(f.shape == (240, 320, 3) for f, _ in frames)
+        assert all(m == {"source_size": (640, 480)} for _, m in frames)
+        # The same picture as a full decode, averaged 2x2: frame 1 is flat grey 20.
+        assert abs(float(frames[0][0].mean()) - 20) < 2
+        source.target_size = (100, 100)
+        assert drain(source, 1)[0][0].shape == (120, 160, 3)
+    finally:
+        source.close()
+
+
+def test_other_codecs_are_decoded_whole(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 25.0, (640, 480))
+    for i in range(3):
+        writer.write(np.full((480, 640, 3), i * 20, np.uint8))
+    writer.release()
+    source = create_source(c.VideoSource(type="video", path=path, pace="fast"))
+    source.target_size = (224, 224)
+    source.open()
+    try:
+        frame, meta = drain(source, 1)[0]
+    finally:
+        source.close()
+    assert frame.shape == (480, 640, 3) and meta == {}
+
+
+def test_mjpg_camera_stream_is_decoded_reduced(tmp_path: Path) -> None:
+    path = write_video(tmp_path / "cam.avi", frames=3, size=(320, 240))
+    source = create_source(c.CameraSource(type="camera", device=str(path)))
+    source.target_size = (40, 30)
+    source.open()
+    try:
+        frame, meta = drain(source, 1)[0]
+    finally:
+        source.close()
+    assert frame.shape == (30, 40, 3) and meta == {"source_size": (320, 240)}
+
+
+class _Packets:
+    """An OpenCV capture in compressed mode, as far as MjpegReader uses one."""
+
+    def __init__(self, packets: list[bytes]) -> None:
+        self.packets = list(packets)
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        if not self.packets:
+            return False, None
+        return True, np.frombuffer(self.packets.pop(0), np.uint8)
+
+
+def test_corrupt_mjpg_frames_are_skipped_then_the_stream_is_broken() -> None:
+    ok, jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), 90, np.uint8))
+    assert ok
+    reader = MjpegReader(cv2, _Packets([b"garbage", jpeg.tobytes()]), (64, 48), "cam")
+    item = reader.read((16, 12))
+    assert item is not None and item[0].shape == (12, 16, 3) and reader.undecodable == 1
+    assert reader.read(None) is None  # the end of the stream
+    reader = MjpegReader(cv2, _Packets([b"garbage"] * 10), (64, 48), "cam")
+    with pytest.raises(SourceError, match="10 frames in a row are not JPEG"):
+        reader.read(None)
 
 
 def test_missing_video_file_is_named(tmp_path: Path) -> None:

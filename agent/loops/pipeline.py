@@ -4,12 +4,15 @@ thread -> outbox.
 Three threads overlap: while the worker invokes the model on one frame, the capture
 thread decodes and pre-processes the next and the results thread post-processes and
 publishes the previous one, so the worker's own per-frame work is little more than
-the invoke (the model's speed is the pipeline's limit). Processing is built per model version
-from that version's manifest and the interpreter's own tensor details, so a hot-swap
-brings its own: the worker builds it, and the capture thread pre-processes with
-whatever processing the worker last built. A frame prepared for another version
-(or before any) is pre-processed again on the worker, so a swap never feeds a model
-a tensor shaped for its predecessor.
+the invoke, and the model's speed is the pipeline's limit.
+
+Processing is built per model version from that version's manifest and the
+interpreter's own tensor details, so a hot-swap brings its own: the worker builds
+it, and the capture thread pre-processes with whatever processing the worker last
+built. A frame prepared for another version (or before any) is pre-processed again
+on the worker, so a swap never feeds a model a tensor shaped for its predecessor.
+Each result carries the processing that prepared its frame, and the results thread
+post-processes it with that.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from agent.loops.preprocess import (
 )
 from agent.loops.sources import CaptureThread, Source, create_source
 from agent.loops.sources.base import FrameSink
+from agent.loops.sources.jpeg import SOURCE_SIZE
 from agent.loops.stats import LatencyWindow, RateMeter
 from agent.loops.worker import InferenceResult, InferenceWorker, ServedModel
 from agent.models.manifest import Manifest
@@ -83,6 +87,15 @@ class _Prepared:
     ms: float
 
 
+def _preprocess(proc: _Processing, frame: Frame) -> tuple[np.ndarray, Transform | None]:
+    tensor, transform = proc.pre(frame.data)
+    source_size = frame.meta.get(SOURCE_SIZE)
+    if transform is not None and source_size is not None:
+        # The source decoded a reduced copy: boxes still go back to its full size.
+        transform = transform.for_source(*source_size)
+    return tensor, transform
+
+
 class _PrepareAhead:
     """The capture thread's sink: pre-processes each frame with the processing the
     worker last built, then hands it to the slot or queue. A frame that fails here is
@@ -97,7 +110,7 @@ class _PrepareAhead:
         if proc is not None:
             start = time.perf_counter()
             try:
-                tensor, transform = proc.pre(frame.data)
+                tensor, transform = _preprocess(proc, frame)
             except Exception:  # reported by the worker, which tries again
                 pass
             else:
@@ -218,6 +231,10 @@ class Pipeline:
         else:
             post = RawOutputs(outputs)
         proc = _Processing(model.version, pre, post, tensor.index)
+        # An MJPG source may now decode at no more than the model needs.
+        self.source.target_size = (
+            (pre.width, pre.height) if isinstance(pre, ImagePreprocessor) else None
+        )
         self._processing = proc
         return proc
 
@@ -228,9 +245,9 @@ class Pipeline:
             if data.processing is proc:
                 model.loaded.interpreter.set_tensor(proc.input_index, data.tensor)
                 return _FrameContext(proc, data.transform, data.ms)
-            data = data.raw
+            frame = Frame(frame.seq, frame.ts, data.raw, frame.meta)
         start = time.perf_counter()
-        tensor, transform = proc.pre(data)
+        tensor, transform = _preprocess(proc, frame)
         model.loaded.interpreter.set_tensor(proc.input_index, tensor)
         return _FrameContext(proc, transform, (time.perf_counter() - start) * 1000)
 

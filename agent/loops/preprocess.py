@@ -40,6 +40,14 @@ class Transform:
     source_w: int
     source_h: int
 
+    def for_source(self, width: int, height: int) -> Transform:
+        """The same mapping for a frame that was a reduced copy of a ``width`` x
+        ``height`` source (decoded at 1/2, 1/4 ...): boxes land in the source's pixels."""
+        fx, fy = self.source_w / width, self.source_h / height
+        return Transform(
+            self.scale_x * fx, self.scale_y * fy, self.pad_x, self.pad_y, width, height
+        )
+
     def to_source(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Model pixel coordinates to source pixel coordinates."""
         sx = np.clip((x - self.pad_x) / self.scale_x, 0, self.source_w)

@@ -38,6 +38,11 @@ class Source(ABC):
     type: ClassVar[str]
     #: True for live sources (cameras): a latest-frame slot, not a queue, should follow.
     live: ClassVar[bool] = False
+    #: The smallest (width, height) the consumer needs, set by the pipeline from the
+    #: model's input. A source that can deliver smaller frames cheaply (an MJPG
+    #: stream, decoded reduced) may, down to this size both ways; such a frame's
+    #: ``meta["source_size"]`` is then the full (width, height). None: full frames.
+    target_size: tuple[int, int] | None = None
 
     @property
     def fps(self) -> float | None:

@@ -8,6 +8,7 @@ import numpy as np
 
 from agent.config import CameraSource
 from agent.loops.sources.base import Source, SourceError, register
+from agent.loops.sources.jpeg import MjpegReader
 
 
 def import_cv2() -> Any:
@@ -27,6 +28,7 @@ class OpenCvCamera(Source):
     def __init__(self, config: CameraSource) -> None:
         self.config = config
         self._cap: Any = None
+        self._mjpeg: MjpegReader | None = None
 
     def open(self) -> None:
         cv2 = import_cv2()
@@ -46,15 +48,23 @@ class OpenCvCamera(Source):
             if value:
                 cap.set(prop, value)
         self._cap = cap
+        # An MJPG stream through FFmpeg (an HTTP or RTSP MJPEG camera) is decoded at
+        # the model's size. V4L2 devices are left to OpenCV: untested on real ones.
+        self._mjpeg = MjpegReader.attach(cv2, cap, f"camera {device!r}")
 
     def read(self) -> tuple[np.ndarray, dict[str, Any]]:
-        ok, frame = self._cap.read()
-        if not ok or frame is None:
+        if self._mjpeg is not None:
+            item = self._mjpeg.read(self.target_size)
+        else:
+            ok, frame = self._cap.read()
+            item = (frame, {}) if ok and frame is not None else None
+        if item is None:
             # A camera that stops delivering is gone (unplugged, stream dropped): reopen.
             raise SourceError(f"camera {self.config.device!r} stopped delivering frames")
-        return frame, {}
+        return item
 
     def close(self) -> None:
         if self._cap is not None:
             self._cap.release()
             self._cap = None
+            self._mjpeg = None

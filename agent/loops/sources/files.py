@@ -10,6 +10,7 @@ import numpy as np
 from agent.config import ImagesSource, VideoSource
 from agent.loops.sources.base import EndOfStream, Source, SourceError, register
 from agent.loops.sources.camera import import_cv2
+from agent.loops.sources.jpeg import MjpegReader
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
@@ -19,6 +20,7 @@ class VideoFile(Source):
     def __init__(self, config: VideoSource) -> None:
         self.config = config
         self._cap: Any = None
+        self._mjpeg: MjpegReader | None = None
         self._fps: float | None = None
 
     @property
@@ -36,24 +38,32 @@ class VideoFile(Source):
         fps = cap.get(cv2.CAP_PROP_FPS)
         self._fps = float(fps) if fps and fps > 0 else 25.0
         self._cap = cap
+        self._mjpeg = MjpegReader.attach(cv2, cap, f"video {self.config.path}")
+
+    def _next(self) -> tuple[np.ndarray, dict[str, Any]] | None:
+        if self._mjpeg is not None:
+            return self._mjpeg.read(self.target_size)
+        ok, frame = self._cap.read()
+        return (frame, {}) if ok else None
 
     def read(self) -> tuple[np.ndarray, dict[str, Any]]:
-        ok, frame = self._cap.read()
-        if ok:
-            return frame, {}
+        item = self._next()
+        if item is not None:
+            return item
         if not self.config.loop:
             raise EndOfStream()
         cv2 = import_cv2()
         self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-        ok, frame = self._cap.read()
-        if not ok:
+        item = self._next()
+        if item is None:
             raise SourceError(f"cannot read frames from {self.config.path}")
-        return frame, {}
+        return item
 
     def close(self) -> None:
         if self._cap is not None:
             self._cap.release()
             self._cap = None
+            self._mjpeg = None
 
 
 @register("images")
