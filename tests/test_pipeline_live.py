@@ -218,6 +218,23 @@ def test_reduced_decode_of_an_mjpg_video_classifies_right(bundle: Path, tmp_path
     assert right >= 90, f"{right}/100 right"
 
 
+def test_capture_and_results_threads_yield_to_the_worker(bundle: Path) -> None:
+    import os
+    import threading
+
+    source = {"type": "synthetic", "kind": "digits", "width": 8, "height": 8, "channels": 1,
+              "fps": 100}  # fmt: skip
+    with start_pipeline(bundle, "ai_edge_litert", {"source": source}) as run:
+        wait_for(lambda: len(run.results) >= 5, what="results")
+        nice = {
+            t.name: os.getpriority(os.PRIO_PROCESS, t.native_id)
+            for t in threading.enumerate()
+            if t.name in ("worker-cam", "capture-cam", "results-cam") and t.native_id
+        }
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert nice == {"worker-cam": base, "capture-cam": base + 5, "results-cam": base + 5}
+
+
 def test_readme_pipeline_example_is_a_valid_config() -> None:
     import yaml
 

@@ -29,6 +29,7 @@ from agent import __version__
 from agent import protocol as p
 from agent.config import AgentConfig, MqttConfig
 from agent.link.base import AckCallback, Handler, Incoming
+from agent.threads import SUPPORT_NICE, lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,7 @@ class MqttLink:
             client.connect(mqtt_config.host, mqtt_config.port, mqtt_config.keepalive_s)
 
     def _run(self) -> None:
+        lower_priority(SUPPORT_NICE)
         client = self._client
         assert client is not None
         socket_open = False

@@ -26,6 +26,7 @@ from typing import Any
 from agent import protocol as p
 from agent.config import AgentConfig
 from agent.link.base import Link
+from agent.threads import SUPPORT_NICE, lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ class Outbox:
         return db
 
     def _run(self) -> None:
+        lower_priority(SUPPORT_NICE)
         try:
             self._db = self._open()
         except (sqlite3.Error, OSError) as exc:

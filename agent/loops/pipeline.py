@@ -45,6 +45,7 @@ from agent.loops.worker import InferenceResult, InferenceWorker, ServedModel
 from agent.models.manifest import Manifest
 from agent.models.runtime import LoadedModel
 from agent.protocol import PipelineState, PipelineTelemetry, Result, StageLatency
+from agent.threads import SUPPORT_NICE, lower_priority
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +272,7 @@ class Pipeline:
     # --------------------------------------------------------------- results thread
 
     def _publish_results(self) -> None:
+        lower_priority(SUPPORT_NICE)
         while True:
             try:
                 result = self._results.get(timeout=0.1)

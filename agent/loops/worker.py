@@ -15,10 +15,8 @@ figures) and never stop the thread.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -35,12 +33,12 @@ from agent.loops.stats import LatencyWindow
 from agent.models.runtime import LoadedModel, load_model
 from agent.models.serving import ServingStats, SwapDone
 from agent.models.validate import Requirements
+from agent.threads import BACKGROUND_NICE, lower_priority
 
 logger = logging.getLogger(__name__)
 
 _LATENCY_WINDOW = 1024
 _KEEP_STATS = 4
-_HELPER_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -140,15 +138,6 @@ def _warm_up(loaded: LoadedModel, invokes: int) -> None:
         for info in loaded.inputs:
             loaded.interpreter.set_tensor(info.index, np.zeros(info.shape, np.dtype(info.dtype)))
         loaded.interpreter.invoke()
-
-
-def _lower_priority() -> None:
-    """Nice the helper thread (Linux niceness is per thread), so that on a busy CPU
-    building the next model yields to the worker serving the current one."""
-    with contextlib.suppress(AttributeError, OSError):
-        tid = threading.get_native_id()
-        if os.getpriority(os.PRIO_PROCESS, tid) < _HELPER_NICE:
-            os.setpriority(os.PRIO_PROCESS, tid, _HELPER_NICE)
 
 
 def _release(model: ServedModel | None) -> None:
@@ -259,7 +248,8 @@ class InferenceWorker:
     # --------------------------------------------------------------- helper thread
 
     def _build(self, version: str | None, path: Path | None, future: Future[SwapDone]) -> None:
-        _lower_priority()
+        # On a busy CPU, building the next model yields to the worker serving this one.
+        lower_priority(BACKGROUND_NICE)
         start = time.perf_counter()
         model: ServedModel | None = None
         if version is not None and path is not None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from agent.config import SourceConfig
 from agent.loops.frames import Frame
+from agent.threads import SUPPORT_NICE, lower_priority
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class CaptureThread:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        lower_priority(SUPPORT_NICE)
         backoff = self.min_backoff_s
         while not self._stop.is_set():
             self.state = "opening" if self.failures == 0 else "reconnecting"
