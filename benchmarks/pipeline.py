@@ -96,7 +96,7 @@ def write_video(path: Path, frames: int = VIDEO_FRAMES) -> Path:
     """A 640x480 MJPG file with moving shapes and sensor-like noise (about 25 KB a frame)."""
     import cv2
 
-    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (WIDTH, HEIGHT))
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30.0, (WIDTH, HEIGHT))
     y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
     rng = np.random.default_rng(0)
     for i in range(frames):

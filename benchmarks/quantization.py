@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 from agent.models.manifest import Preprocess  # noqa: E402
 from agent.models.runtime import Runtime, available_runtimes, load_model, select_runtime  # noqa: E402
 from converter.convert import SourceModel, convert  # noqa: E402
-from converter.evaluate import quantize  # noqa: E402
 from converter.examples import DIGITS_STD, build_digits  # noqa: E402
 from converter.pipeline import ConvertOptions, run_convert  # noqa: E402
 from converter.tfimport import import_tensorflow, quiet_fds  # noqa: E402
@@ -69,7 +68,7 @@ def bench_digits(workdir: Path, quick: bool) -> dict[str, Any]:
 def median_invoke_s(model: bytes, runtime: Runtime, threads: int, x: np.ndarray, n: int) -> float:
     loaded = load_model(model, runtime=runtime, num_threads=threads)
     inp = loaded.inputs[0]
-    loaded.interpreter.set_tensor(inp.index, quantize(x, inp))
+    loaded.interpreter.set_tensor(inp.index, inp.quantize(x))
     loaded.interpreter.invoke()  # warm-up: first invoke allocates and packs weights
     times = []
     for _ in range(n):
