@@ -45,6 +45,11 @@ def test_server_serves_only_the_model_and_stops(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(url.replace("model.tflite", "manifest.json"), timeout=5)
         assert err.value.code == 404
+        # Counted by the server's handler thread once the body is sent, which may be
+        # a moment after the client has read it.
+        deadline = time.monotonic() + 5
+        while server.downloads < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert server.downloads == 1
     finally:
         server.stop()
