@@ -3,14 +3,19 @@ way) keeps retrying and connects once a real broker answers on that address."""
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.config import parse_config
 from agent.link.client import MqttLink
-from tests.mqtt_support import Broker, free_port
+from tests.link_support import make_config
+from tests.mqtt_support import Broker, MessageCollector, free_port
 
 
 def test_link_recovers_after_connections_closed_before_connack(tmp_path: Path) -> None:
@@ -68,3 +73,29 @@ def test_link_recovers_after_connections_closed_before_connack(tmp_path: Path) -
         link.stop(1)
         if broker is not None:
             broker.stop()
+
+
+def test_link_works_on_file_descriptors_past_1024(tmp_path: Path, broker: Broker) -> None:
+    """select() cannot watch a descriptor of 1024 or more; a process holding many
+    files gets such descriptors, and the link must still connect and publish."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 1400
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    collector = MessageCollector(broker, "fdtest/#")
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    link = MqttLink(make_config(tmp_path, broker, device="pi-fd"))
+    try:
+        assert fillers[-1] >= 1024  # every descriptor the link opens is above it
+        link.start()
+        assert link.wait_connected(10), link.last_error
+        assert link.publish("fdtest/x", b"hello", qos=1)
+        assert collector.wait_for(1, topic="fdtest/x")[0].payload == b"hello"
+    finally:
+        link.stop(1)
+        collector.close()
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -1,12 +1,13 @@
 """The device's MQTT connection: paho-mqtt 2.x behind the ``Link`` interface.
 
-One thread (``mqtt-link``) owns the socket: it connects, runs paho's loop and
-reconnects with exponential backoff and jitter. The link counts as connected only
-after a successful CONNACK. The session is persistent (MQTT 5: clean start off and
-a session expiry; 3.1.1: clean session off), so QoS 1 commands sent while the
-device was away arrive when it comes back, and paho resends unacknowledged QoS 1
-publishes after a reconnect. On every connect the retained state is published; the
-last will (retained) and a graceful stop both say ``online: false``.
+One thread (``mqtt-link``) owns the socket: it connects, runs paho's loop (on
+``poll()``, see ``netloop``) and reconnects with exponential backoff and jitter.
+The link counts as connected only after a successful CONNACK. The session is
+persistent (MQTT 5: clean start off and a session expiry; 3.1.1: clean session
+off), so QoS 1 commands sent while the device was away arrive when it comes back,
+and paho resends unacknowledged QoS 1 publishes after a reconnect. On every connect
+the retained state is published; the last will (retained) and a graceful stop both
+say ``online: false``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from agent import __version__
 from agent import protocol as p
 from agent.config import AgentConfig, MqttConfig
 from agent.link.base import AckCallback, Handler, Incoming
+from agent.link.netloop import PollLoop
 from agent.threads import SUPPORT_NICE, lower_priority
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,7 @@ class MqttLink:
         self._stop = threading.Event()
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
+        self._loop: PollLoop | None = None
         self.last_error: str | None = None
         self.connects = 0
 
@@ -233,6 +236,7 @@ class MqttLink:
         if self._thread is not None:
             return
         self._client = self._make_client()
+        self._loop = PollLoop(self._client)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="mqtt-link", daemon=True)
         self._thread.start()
@@ -252,6 +256,9 @@ class MqttLink:
                 log.warning("could not publish the offline state: %s", exc)
         self._stop.set()
         thread.join(timeout + 2)
+        if self._loop is not None:
+            self._loop.close()  # the DISCONNECT below is then written by this thread
+            self._loop = None
         client.disconnect()
         self._connected.clear()
         self._thread = None
@@ -320,7 +327,8 @@ class MqttLink:
                     self._report(f"cannot connect to {self._mqtt.host}:{self._mqtt.port}: {exc}")
                     self._stop.wait(self._backoff.next_delay())
                     continue
-            rc = client.loop(timeout=0.5)
+            loop = self._loop
+            rc = loop.once(0.5) if loop is not None else MQTTErrorCode.MQTT_ERR_NO_CONN
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 socket_open = False
                 if self.connects == connects_at_open:
