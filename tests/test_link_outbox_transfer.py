@@ -71,6 +71,33 @@ def test_seq_continues_across_restarts_and_rows_leave_only_after_puback(tmp_path
     again.stop()
 
 
+def test_a_row_acknowledged_twice_at_once_counts_once_and_the_outbox_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A message sent again after an overdue PUBACK can be acknowledged twice (the
+    original and the copy); when both acks arrive together the outbox must not fail."""
+    link = FakeLink(auto_ack=False)
+    outbox = Outbox(make_config(tmp_path), link)
+    outbox.start()
+    try:
+        outbox.enqueue_result(result(1))
+        link.wait_for(lambda pub: len(pub) == 1)
+        ack = link.published[0].on_ack
+        assert ack is not None
+        ack(True)
+        ack(True)  # within the outbox's batching window: the same batch
+        wait_until(lambda: outbox.stats()["depth"] == 0, what="the row deleted")
+        outbox.enqueue_result(result(2))
+        link.wait_for(lambda pub: len(pub) == 2)
+        second = link.published[1].on_ack
+        assert second is not None
+        second(True)
+        wait_until(lambda: outbox.stats()["depth"] == 0, what="the next row deleted")
+        assert outbox.stats()["published"] == 2
+    finally:
+        outbox.stop()
+
+
 def test_nothing_is_sent_while_disconnected_and_order_is_kept_after(tmp_path: Path) -> None:
     link = FakeLink(connected=False)
     outbox = Outbox(make_config(tmp_path), link)

@@ -12,6 +12,7 @@ deletes a row only after the broker's PUBACK.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -178,18 +179,26 @@ class Outbox:
         try:
             while True:
                 stopping = self._stop.is_set()
-                self._drain_intake(block=not stopping)
-                if stopping:
-                    break
-                now = time.monotonic()
-                if now >= next_age_check:
-                    self._drop_aged()
-                    next_age_check = now + _AGE_CHECK_S
-                if self._link.connected:
-                    self._resend_overdue(now)
-                    self._send()
-        except Exception:
-            log.exception("outbox thread failed")
+                try:
+                    self._drain_intake(block=not stopping)
+                    if stopping:
+                        break
+                    now = time.monotonic()
+                    if now >= next_age_check:
+                        self._drop_aged()
+                        next_age_check = now + _AGE_CHECK_S
+                    if self._link.connected:
+                        self._resend_overdue(now)
+                        self._send()
+                except Exception:
+                    # The thread must outlive a bad batch (or a full disk): a dead outbox
+                    # would silently end every result and telemetry message.
+                    log.exception("outbox: unexpected error; going on")
+                    if self._db is not None and self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    if stopping or self._stop.wait(1.0):
+                        break
         finally:
             self._db.close()
             self._db = None
@@ -243,7 +252,12 @@ class Outbox:
     ) -> None:
         db = self._db
         assert db is not None
-        done = [(row_id, ok) for row_id, ok in acked if row_id in self._inflight]
+        # A row sent again (no PUBACK in time) can be acknowledged twice, both times in
+        # one batch: it is done once, and published if either copy was accepted.
+        done: dict[int, bool] = {}
+        for row_id, ok in acked:
+            if row_id in self._inflight:
+                done[row_id] = done.get(row_id, False) or ok
         db.execute("BEGIN")
         if new:
             db.executemany(
@@ -252,8 +266,8 @@ class Outbox:
             self.depth += len(new)
             self.bytes += sum(len(row[2]) for row in new)
         if done:
-            db.executemany("DELETE FROM messages WHERE id = ?", [(row_id,) for row_id, _ in done])
-            for row_id, ok in done:
+            db.executemany("DELETE FROM messages WHERE id = ?", [(row_id,) for row_id in done])
+            for row_id, ok in done.items():
                 entry = self._inflight.pop(row_id)
                 self.depth -= 1
                 self.bytes -= entry.size
@@ -261,10 +275,9 @@ class Outbox:
                     self.counters["published"] += 1
                 else:
                     self._count_drop(entry.kind, 1)
-            if any(not ok for _, ok in done):
-                log.warning(
-                    "outbox: the broker refused %d message(s)", sum(not ok for _, ok in done)
-                )
+            refused = sum(not ok for ok in done.values())
+            if refused:
+                log.warning("outbox: the broker refused %d message(s)", refused)
         if self.depth > self._bounds.max_messages or self.bytes > self._bounds.max_bytes:
             self._enforce_bounds()
         self._save_counters()
