@@ -68,13 +68,10 @@ class PollLoop:
                 return rc
         return client.loop_misc()
 
-    def detach(self) -> None:
-        """Hand writing back to the caller's thread (paho writes at once when no loop
-        is registered): for the last packets after the loop's thread has ended."""
-        self._client.on_socket_register_write = None
-
     def close(self) -> None:
-        self.detach()
+        """Hand writing back to the caller's thread (paho writes at once when no loop
+        is registered), for the last packets once the loop's thread has ended."""
+        self._client.on_socket_register_write = None
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
