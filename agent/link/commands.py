@@ -27,6 +27,7 @@ from agent.config import AgentConfig
 from agent.link.base import Incoming, Link
 from agent.link.signing import CommandVerifier
 from agent.link.transfer import ArtifactFetcher
+from agent.ops import faults
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +351,7 @@ class CommandDispatcher:
         last: dict[str, Any] = {"stage": None, "percent": None, "at": 0.0}
 
         def report(stage: str, percent: float | None) -> None:
+            faults.at_stage(stage, percent)
             now = time.monotonic()
             if stage == last["stage"] and percent != 100.0:
                 if now - last["at"] < _PROGRESS_INTERVAL_S or percent == last["percent"]:
