@@ -421,3 +421,54 @@ def test_a_full_filesystem_and_a_stop_lose_nothing_uncounted(small_tmpfs: Path) 
         assert_invariant(stats)
     finally:
         again.stop()
+
+
+def test_telemetry_and_metrics_carry_the_counters_and_they_add_up(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.ops.metrics import MetricsExporter
+    from agent.ops.telemetry import DeviceSampler, TelemetryReporter
+
+    link = FakeLink(connected=False)
+    outbox = Outbox(make_config(tmp_path, outbox={"max_messages": 5}), link)
+    outbox.start()
+    try:
+        for i in range(8):
+            outbox.enqueue_result(result(i))
+        wait_until(lambda: outbox.stats()["next_seq"] == 8, what="all written")
+        link.set_connected(True)
+        outbox.enqueue_result(result(8))
+        wait_until(lambda: outbox.stats()["queued"] == 0, what="all sent")
+        reporter = TelemetryReporter(
+            "pi-1",
+            DeviceSampler(tmp_path, thermal_glob=str(tmp_path / "none")),
+            lambda now: {},
+            outbox.stats,
+        )
+        t = reporter.build()
+        assert t.outbox_accepted == 9 and t.outbox_dropped >= 3  # over max_messages
+        assert t.outbox_dropped == outbox.stats()["dropped"]["results"]
+        assert t.outbox_delivered + t.outbox_dropped + t.outbox_depth == t.outbox_accepted
+        assert t.outbox_refused == 0
+
+        body, _ = MetricsExporter(reporter.build, outbox.stats).render()
+        found = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+        }
+        dropped = {
+            dict(labels)["kind"]: v
+            for (name, labels), v in found.items()
+            if name == "edge_agent_outbox_dropped_total"
+        }
+        assert dropped == {
+            "results": t.outbox_dropped, "telemetry": 0, "write_failed": 0, "unclean_stop": 0
+        }  # fmt: skip
+        accepted = found[("edge_agent_outbox_accepted_total", ())]
+        published = found[("edge_agent_outbox_published_total", ())]
+        depth = found[("edge_agent_outbox_depth", ())]
+        assert accepted == published + sum(dropped.values()) + depth == 9
+        assert found[("edge_agent_outbox_refused_total", ())] == 0
+    finally:
+        outbox.stop()
