@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,10 @@ from typing import Any
 import pytest
 
 from agent import protocol as p
+from agent.link.client import MqttLink
 from agent.link.outbox import Outbox
-from tests.link_support import FakeLink, make_config, wait_until
+from tests.link_support import FakeLink, SessionCollector, make_config, wait_until
+from tests.mqtt_support import Broker
 
 
 def result(frame: int) -> p.Result:
@@ -472,3 +477,72 @@ def test_telemetry_and_metrics_carry_the_counters_and_they_add_up(tmp_path: Path
         assert found[("edge_agent_outbox_refused_total", ())] == 0
     finally:
         outbox.stop()
+
+
+# ----------------------------------------------------------------------- SIGKILL
+
+
+def test_a_sigkill_with_rows_unacknowledged_and_the_intake_full_loses_nothing_uncounted(
+    private_broker: Broker, tmp_path: Path
+) -> None:
+    """A real Outbox and MqttLink in a child process (tests/outbox_crash_child.py):
+    50 results delivered, the broker stopped, 200 on disk unacknowledged, the writer
+    held by a slow disk with the intake full, then SIGKILL. Restarted with the broker
+    back, every seq the outbox gave out arrives at a QoS 1 subscriber (deduplicated by
+    seq) and every accepted message without one is counted (unclean_stop)."""
+    collector = SessionCollector(private_broker, ["edge/pi-1/results/cam"])
+    state = tmp_path / "state"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.outbox_crash_child", str(state),
+         private_broker.host, str(private_broker.port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )  # fmt: skip
+    try:
+        assert child.stdin is not None and child.stdout is not None
+        delivered = json.loads(child.stdout.readline())
+        assert delivered == {"phase": "delivered", "accepted": 50}
+        private_broker.stop()
+        child.stdin.write("broker-stopped\n")
+        child.stdin.flush()
+        ready = json.loads(child.stdout.readline())
+        assert ready["phase"] == "ready", ready
+        before = ready["stats"]
+        assert before["in_memory"] > 1000 and ready["refused"] >= 1  # the intake full
+        assert before["on_disk"] > 200 and before["delivered"] == 50
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(10) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait(10)
+
+    private_broker.start()
+    config = make_config(state, private_broker)
+    link = MqttLink(config)
+    outbox = Outbox(config, link)
+    outbox.start()
+    link.start()
+    try:
+        after = outbox.stats()
+        accepted = ready["accepted"]
+        assert after["accepted"] == accepted
+        assert after["on_disk"] == before["on_disk"]
+        assert after["dropped"]["unclean_stop"] == before["in_memory"]
+        assert_invariant(after)
+        assert link.wait_connected(20), link.last_error
+        wait_until(lambda: outbox.stats()["queued"] == 0, timeout=60, what="backlog sent")
+        given = after["next_seq"]
+        collector.wait_until(
+            lambda msgs: len({json.loads(m.payload)["seq"] for m in msgs}) >= given, timeout=60
+        )
+        got = {json.loads(m.payload)["seq"] for m in collector.messages}
+        assert got == set(range(given))  # every seq given out arrived; none twice given
+        final = outbox.stats()
+        assert final["delivered"] == given
+        assert final["delivered"] + final["dropped"]["unclean_stop"] == accepted
+        assert_invariant(final)
+    finally:
+        outbox.stop()
+        link.stop()
+        collector.close()
