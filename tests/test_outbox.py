@@ -527,6 +527,7 @@ def test_a_sigkill_with_rows_unacknowledged_and_the_intake_full_loses_nothing_un
         after = outbox.stats()
         accepted = ready["accepted"]
         assert after["accepted"] == accepted
+        assert after["refused"] == ready["refused"]  # counted, though never accepted
         assert after["on_disk"] == before["on_disk"]
         assert after["dropped"]["unclean_stop"] == before["in_memory"]
         assert_invariant(after)

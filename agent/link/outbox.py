@@ -90,7 +90,13 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 #: write_failed: it could not be written before the stop deadline (a full disk);
 #: unclean_stop: it was in memory when the process died (counted at the next start).
 DROP_REASONS = ("telemetry", "results", "write_failed", "unclean_stop")
-_COUNTERS = ("next_seq", "accepted", "published", *(f"dropped_{r}" for r in DROP_REASONS))
+_COUNTERS = (
+    "next_seq",
+    "accepted",
+    "refused",
+    "published",
+    *(f"dropped_{r}" for r in DROP_REASONS),
+)
 
 Connect = Callable[[Path], sqlite3.Connection]
 
@@ -154,7 +160,7 @@ class Outbox:
         # Owned by the outbox thread. _taken_run: messages of this process no longer in
         # memory (on disk or dropped); _accepted_base: accepted before this process.
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._accepted_base = 0
+        self._accepted_base = self._refused_base = 0
         self._taken_run = 0
         self.depth = 0  # rows on disk
         self.bytes = 0
@@ -210,7 +216,7 @@ class Outbox:
             "on_disk": view["on_disk"],
             "in_memory": in_memory,
             "dropped": dict(view["dropped"]),
-            "refused": refused,
+            "refused": view["refused_base"] + refused,
             "write_errors": view["write_errors"],
             # Older names, kept: depth is queued, published is delivered.
             "depth": queued,
@@ -224,6 +230,7 @@ class Outbox:
         c = self.counters
         return {
             "accepted_base": self._accepted_base,
+            "refused_base": self._refused_base,
             "taken_run": self._taken_run,
             "on_disk": self.depth,
             "bytes": self.bytes,
@@ -298,6 +305,7 @@ class Outbox:
                 lost,
             )
         self.counters["accepted"] = self._accepted_base = accounted + max(lost, 0)
+        self._refused_base = self.counters["refused"]
         try:
             db.execute("BEGIN")
             self._save_counters(db)
@@ -435,7 +443,9 @@ class Outbox:
             work(db)
             with self._lock:
                 accepted_now = self._accepted_base + self._accepted_run
+                refused_now = self._refused_base + self._refused
             self.counters["accepted"] = accepted_now
+            self.counters["refused"] = refused_now
             self._save_counters(db)
             db.execute("COMMIT")
         except BaseException:
