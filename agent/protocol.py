@@ -418,8 +418,11 @@ class Telemetry(Message):
     load_1m: float | None = None
     temperature_c: float | None = None
     disk_free_mb: float | None = None
-    outbox_depth: int = 0
-    outbox_dropped: int = 0
+    outbox_depth: int = Field(default=0, description="queued: on disk and in memory")
+    outbox_dropped: int = Field(default=0, description="accepted, then dropped (any reason)")
+    outbox_accepted: int = Field(default=0, description="= delivered + dropped + depth")
+    outbox_delivered: int = Field(default=0, description="acknowledged by the broker")
+    outbox_refused: int = Field(default=0, description="not accepted: too much in memory")
     pipelines: dict[str, PipelineTelemetry] = Field(default_factory=dict)
 
 

@@ -90,15 +90,35 @@ class _Collector:
         yield from gauge(
             "disk_free_bytes", "Free disk in the state directory", t.disk_free_mb, 2**20
         )
-        yield from gauge("outbox_depth", "Messages waiting in the outbox", t.outbox_depth)
+        # From the outbox's own figures when there are, so that they add up in one scrape.
+        depth = t.outbox_depth if self.outbox is None else self.outbox.get("depth", 0)
+        yield from gauge("outbox_depth", "Messages waiting in the outbox", depth)
         if self.outbox is not None:
+            # accepted_total == published_total + sum(dropped_total) + outbox_depth
+            yield CounterMetricFamily(
+                "edge_agent_outbox_accepted",
+                "Messages the outbox accepted",
+                value=self.outbox.get("accepted", 0),
+            )
             yield CounterMetricFamily(
                 "edge_agent_outbox_published",
                 "Messages the broker acknowledged",
                 value=self.outbox.get("published", 0),
             )
+            yield CounterMetricFamily(
+                "edge_agent_outbox_refused",
+                "Messages not accepted (stopping, or too many in memory)",
+                value=self.outbox.get("refused", 0),
+            )
+            yield CounterMetricFamily(
+                "edge_agent_outbox_write_errors",
+                "Failed outbox writes (a full disk); their messages are kept and retried",
+                value=self.outbox.get("write_errors", 0),
+            )
             dropped = CounterMetricFamily(
-                "edge_agent_outbox_dropped", "Messages dropped by the outbox", labels=["kind"]
+                "edge_agent_outbox_dropped",
+                "Accepted messages dropped by the outbox, by reason",
+                labels=["kind"],
             )
             for kind, count in sorted(self.outbox.get("dropped", {}).items()):
                 dropped.add_metric([kind], count)

@@ -120,5 +120,8 @@ class TelemetryReporter:
             disk_free_mb=figures.disk_free_mb,
             outbox_depth=int(outbox.get("depth", 0)),
             outbox_dropped=sum(int(n) for n in outbox.get("dropped", {}).values()),
+            outbox_accepted=int(outbox.get("accepted", 0)),
+            outbox_delivered=int(outbox.get("delivered", 0)),
+            outbox_refused=int(outbox.get("refused", 0)),
             pipelines=self.pipelines(time.monotonic()),
         )
