@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.config import ConfigError, apply_changes, is_live_key, load_effective_config
-from agent.live import LiveConfig, changed_keys
+from agent.config import ConfigError
+from agent.config_changes import apply_changes, changed_keys, is_live_key
+from agent.config_overrides import load_effective_config
+from agent.live import LiveConfig
 
 BASE = {
     "device": {"id": "pi-1"},
@@ -43,7 +45,7 @@ def test_apply_changes_validates_and_names_keys() -> None:
         apply_changes(BASE, {"mqtt.host": "x", "pipelines.nope.threshold": 0.1})
     text = str(info.value)
     assert "mqtt.host: cannot change live" in text and "no pipeline named 'nope'" in text
-    with pytest.raises(ConfigError, match="pipelines.0.threshold"):
+    with pytest.raises(ConfigError, match=r"^pipelines\.cam\.threshold: "):
         apply_changes(BASE, {"pipelines.cam.threshold": 7})
 
 
@@ -60,7 +62,7 @@ def test_changes_persist_across_restarts_and_bad_ones_change_nothing(tmp_path: P
         live.apply({"telemetry.interval_s": -1})
     assert live.current.telemetry.interval_s == 10 and seen == [0.9]
     # A restart reads the file and the persisted overrides.
-    assert load_effective_config(path).pipelines[0].threshold == 0.9
+    assert load_effective_config(path).config.pipelines[0].threshold == 0.9
 
 
 def test_reload_applies_live_keys_and_holds_the_rest(tmp_path: Path) -> None:
