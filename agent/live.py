@@ -37,21 +37,33 @@ class LiveConfig:
         self._listeners: list[Listener] = []
         self.restart_needed: list[str] = []
         self.warnings: list[str] = []
+        self._unannounced: list[str] = []
 
     @classmethod
-    def load(cls, path: Path) -> LiveConfig:
-        """The config as ``edge-agent run`` starts with it; stale overrides are dropped."""
+    def load(cls, path: Path, *, announce: bool = True) -> LiveConfig:
+        """The config as ``edge-agent run`` starts with it; stale overrides are dropped.
+
+        ``announce=False`` holds the warnings back until ``announce()``: the service
+        sets logging up from the config it loads, so it can only log them after that.
+        """
         effective = load_effective_config(path)
         live = cls(path, effective.config, effective.overrides)
         live._settle(effective)
+        if announce:
+            live.announce()
         return live
 
+    def announce(self) -> None:
+        """Log the warnings not logged yet, one line each."""
+        for line in self._unannounced:
+            logger.warning("%s", line)
+        self._unannounced = []
+
     def _settle(self, effective: EffectiveConfig) -> None:
-        """Say what of the saved overrides was dropped, and save the ones kept."""
+        """Note what of the saved overrides was dropped, and save the ones kept."""
         if not effective.needs_rewrite:
             return
-        for line in effective.warnings:
-            logger.warning("%s", line)
+        self._unannounced += effective.warnings
         self.warnings = (self.warnings + effective.warnings)[-MAX_WARNINGS:]
         try:
             save_overrides(effective.config.state_dir, effective.overrides)
@@ -115,6 +127,7 @@ class LiveConfig:
                 logger.warning("config reload: needs a restart to change: %s", ", ".join(restart))
             self._overrides = dict(effective.overrides)
             self._settle(effective)
+            self.announce()
             self.restart_needed = restart
             if live:
                 logger.info("config reload: changed live: %s", ", ".join(live))
