@@ -35,10 +35,16 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a setting: `1e400` in JSON or `.inf` in YAML is refused.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Live keys (agent.config_changes.LIVE_KEYS) come from the network as well as the file:
+# strict (true is not 1.0) and bounded, so no single change can silence a device.
+MAX_TELEMETRY_INTERVAL_S = 3600.0
+MAX_TOP_K = 1000
+MAX_PUBLISH_PER_S = 1000.0
 
 
 # ------------------------------------------------------------------------------ mqtt
@@ -222,8 +228,8 @@ SourceConfig: TypeAlias = Annotated[
 
 class PublishConfig(_Section):
     mode: Literal["every", "rate", "change"] = "every"
-    max_per_s: PositiveFloat | None = None
-    score_delta: Annotated[float, Field(gt=0, le=1)] = 0.1
+    max_per_s: Annotated[float, Field(strict=True, gt=0, le=MAX_PUBLISH_PER_S)] | None = None
+    score_delta: Annotated[float, Field(strict=True, gt=0, le=1)] = 0.1
 
     @model_validator(mode="after")
     def _rate_needs_limit(self) -> PublishConfig:
@@ -237,8 +243,8 @@ class PipelineConfig(_Section):
     model: Name = Field(description="model name in the store; deploys of that name update it")
     source: SourceConfig
     resize: Literal["stretch", "letterbox"] = "stretch"
-    top_k: Annotated[int, Field(ge=1)] = 3
-    threshold: Annotated[float, Field(ge=0, le=1)] = 0.0
+    top_k: Annotated[int, Field(strict=True, ge=1, le=MAX_TOP_K)] = 3
+    threshold: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.0
     publish: PublishConfig = PublishConfig()
     queue: Literal["latest", "fifo"] = Field(
         default="latest", description="latest: drop stale camera frames; fifo: sensors"
@@ -249,7 +255,7 @@ class PipelineConfig(_Section):
 
 
 class TelemetryConfig(_Section):
-    interval_s: Annotated[float, Field(ge=1)] = 10.0
+    interval_s: Annotated[float, Field(strict=True, ge=1, le=MAX_TELEMETRY_INTERVAL_S)] = 10.0
 
 
 class HttpApiConfig(_Section):

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,10 @@ import yaml
 from agent.config import ConfigError
 from agent.config_changes import apply_changes, changed_keys, is_live_key
 from agent.config_overrides import OVERRIDES_FILE, load_effective_config
+from agent.control import AgentControl
 from agent.live import LiveConfig
-from agent.protocol import State
-from tests.mqtt_support import Broker, MessageCollector, Received
+from agent.protocol import CommandFailed, ReplyCode, State
+from tests.mqtt_support import Broker, MessageCollector
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,7 +121,9 @@ def test_a_saved_override_that_no_longer_applies_is_dropped_and_the_rest_kept(
     with caplog.at_level(logging.WARNING, logger="agent.live"):
         live = LiveConfig.load(path)  # raised ConfigError (so `run` exited 2) before
     assert live.current.pipelines[0].threshold == 0.9
-    assert live.warnings == ["saved override pipelines.door.top_k dropped: no pipeline named 'door'"]
+    assert live.warnings == [
+        "saved override pipelines.door.top_k dropped: no pipeline named 'door'"
+    ]
     assert "pipelines.door.top_k" in caplog.text
     # Rewritten without it, so the next start is quiet.
     assert json.loads(saved.read_text()) == {"pipelines.cam.threshold": 0.9}
@@ -203,23 +205,12 @@ def test_run_starts_with_a_stale_override_and_says_so_in_state(
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
     try:
-
-        def warned(messages: list[Received]) -> bool:
-            return any(State.model_validate_json(m.payload).warnings for m in messages)
-
+        # The warnings are known before the link starts: the first state carries them.
         try:
-            collector.wait_for(1, timeout=60)
-            deadline = time.monotonic() + 60
-            while not warned(collector.messages) and time.monotonic() < deadline:
-                assert proc.poll() is None, log.read_text()
-                collector.wait_for(len(collector.messages) + 1, timeout=5)
+            first = collector.wait_for(1, timeout=60)[0]
         except AssertionError:
-            raise AssertionError(f"no state with warnings; exit {proc.poll()}: {log.read_text()}")
-        state = next(
-            s
-            for s in (State.model_validate_json(m.payload) for m in collector.messages)
-            if s.warnings
-        )
+            raise AssertionError(f"no state; exit {proc.poll()}: {log.read_text()}") from None
+        state = State.model_validate_json(first.payload)
         assert state.warnings == [
             "saved override pipelines.old-name.threshold dropped: no pipeline named 'old-name'"
         ]
@@ -229,3 +220,65 @@ def test_run_starts_with_a_stale_override_and_says_so_in_state(
         collector.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+# ------------------------------------------------------------------- live bounds
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("telemetry.interval_s", 1e30, "less than or equal to 3600"),  # silenced a device
+        ("telemetry.interval_s", float("inf"), "finite number"),
+        ("telemetry.interval_s", float("nan"), "finite number"),
+        ("telemetry.interval_s", 0, "greater than or equal to 1"),
+        ("telemetry.interval_s", True, "valid number"),
+        ("pipelines.cam.threshold", 1.5, "less than or equal to 1"),
+        ("pipelines.cam.threshold", -0.1, "greater than or equal to 0"),
+        ("pipelines.cam.threshold", float("nan"), "finite number"),
+        ("pipelines.cam.top_k", 0, "greater than or equal to 1"),
+        ("pipelines.cam.top_k", 10**12, "less than or equal to 1000"),
+        ("pipelines.cam.top_k", True, "valid integer"),
+        ("pipelines.cam.publish.max_per_s", 1e9, "less than or equal to 1000"),
+        ("pipelines.cam.publish.max_per_s", float("inf"), "finite number"),
+        ("pipelines.cam.publish.score_delta", 0, "greater than 0"),
+        ("pipelines.cam.publish.mode", "sometimes", "'every', 'rate' or 'change'"),
+        ("log_level", "LOUD", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
+    ],
+)
+def test_a_live_change_out_of_bounds_is_refused_in_one_line_and_changes_nothing(
+    tmp_path: Path, key: str, value: object, reason: str
+) -> None:
+    path = write(tmp_path, BASE)
+    live = LiveConfig.load(path)
+    live.apply({"pipelines.cam.threshold": 0.3})
+    saved = (tmp_path / "state" / OVERRIDES_FILE).read_text()
+    before = live.current
+    control = AgentControl(None, {}, live)  # type: ignore[arg-type]  # config needs only live
+    with pytest.raises(CommandFailed) as info:
+        control.apply_config({key: value})
+    assert info.value.code == ReplyCode.CONFIG_REJECTED
+    message = info.value.message
+    assert message.startswith(f"{key}: ") and reason in message and "\n" not in message
+    assert live.current is before
+    assert (tmp_path / "state" / OVERRIDES_FILE).read_text() == saved
+
+
+def test_the_file_is_bounded_like_a_live_change(tmp_path: Path) -> None:
+    path = write(tmp_path, {**BASE, "telemetry": {"interval_s": 1e30}})
+    with pytest.raises(ConfigError, match=r"telemetry\.interval_s: .*less than or equal to 3600"):
+        LiveConfig.load(path)
+    path.write_text(path.read_text().replace("1.0e+30", ".inf"))
+    with pytest.raises(ConfigError, match=r"telemetry\.interval_s: .*finite"):
+        LiveConfig.load(path)
+
+
+def test_a_saved_override_out_of_the_new_bounds_is_dropped(tmp_path: Path) -> None:
+    """An override an older agent accepted (1e30) cannot keep telemetry silent."""
+    path = write(tmp_path, BASE)
+    save(tmp_path, {"telemetry.interval_s": 1e30})
+    live = LiveConfig.load(path)
+    assert live.current.telemetry.interval_s == 10
+    assert live.warnings == [
+        "saved override telemetry.interval_s dropped: Input should be less than or equal to 3600"
+    ]
