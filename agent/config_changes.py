@@ -31,6 +31,7 @@ LIVE_KEYS = (
 # control character or a lone surrogate cannot forge a log line or break an encoder.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _SHOWN_MAX = 200
+_PROBLEMS_MAX = 5
 
 
 def shown(key: str) -> str:
@@ -99,6 +100,10 @@ def apply_changes(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, An
     """
     new = copy.deepcopy(data)
     problems = [p for p in (_set(new, k, v) for k, v in changes.items()) if p is not None]
+    if len(problems) > _PROBLEMS_MAX:
+        # A reply names a few: a command of 10,000 bad keys must not get a reply of MBs.
+        more = len(problems) - _PROBLEMS_MAX
+        problems = [*problems[:_PROBLEMS_MAX], f"... and {more} more key(s) refused"]
     if problems:
         raise ConfigError(problems)
     try:

@@ -15,7 +15,7 @@ import yaml
 
 from agent.config import ConfigError
 from agent.config_changes import apply_changes, changed_keys, is_live_key
-from agent.config_overrides import OVERRIDES_FILE, load_effective_config
+from agent.config_overrides import OVERRIDES_FILE, load_effective_config, save_overrides
 from agent.control import AgentControl
 from agent.live import LiveConfig
 from agent.protocol import CommandFailed, ReplyCode, State
@@ -282,3 +282,36 @@ def test_a_saved_override_out_of_the_new_bounds_is_dropped(tmp_path: Path) -> No
     assert live.warnings == [
         "saved override telemetry.interval_s dropped: Input should be less than or equal to 3600"
     ]
+
+
+# ------------------------------------------------------------ untrusted keys
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["x\nFAKE", "pipelines.\ud800.threshold", "telemetry.\ud800", "\x1b[2J" * 1000, "\ud800"],
+)
+def test_a_hostile_key_is_refused_with_a_clean_one_line_message(tmp_path: Path, key: str) -> None:
+    path = write(tmp_path, BASE)
+    live = LiveConfig.load(path)
+    control = AgentControl(None, {}, live)  # type: ignore[arg-type]  # config needs only live
+    with pytest.raises(CommandFailed) as info:
+        control.apply_config({key: 0.5})
+    message = info.value.message
+    message.encode("utf-8")  # before: a lone surrogate made the reply unencodable
+    assert "\n" not in message and "\x1b" not in message and len(message) < 1000
+    assert info.value.code == ReplyCode.CONFIG_REJECTED
+    assert not (tmp_path / "state" / OVERRIDES_FILE).exists()
+
+
+def test_saving_overrides_never_fails_to_encode(tmp_path: Path) -> None:
+    save_overrides(tmp_path, {"pipelines.cam.threshold": 0.5, "odd\ud800": "\udfff"})
+    assert json.loads((tmp_path / OVERRIDES_FILE).read_text(encoding="ascii"))["odd\ud800"]
+    with pytest.raises(ConfigError, match="cannot be saved"):
+        save_overrides(tmp_path, {"telemetry.interval_s": float("nan")})
+
+
+def test_many_bad_keys_get_a_short_answer() -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_changes(BASE, {f"k{i}": 1 for i in range(10_000)})
+    assert len(info.value.problems) == 6 and "9995 more" in info.value.problems[-1]
