@@ -69,8 +69,8 @@ def check_config_files(
     config: AgentConfig, path: Path, warnings: Iterable[str] = ()
 ) -> list[CheckResult]:
     remedy = (
-        "the agent drops it at start and rewrites the overrides file; send a `config` "
-        "command with the new key path to set it again"
+        "the agent drops it at start and rewrites the overrides file; if it is still "
+        "wanted, send the `config` command again (the new pipeline name, a value in bounds)"
     )
     warned = [CheckResult("config", "WARN", line, remedy) for line in warnings]
     # A missing source file gets its own row, with a remedy for its source type.
