@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
-from agent.config import ConfigError, check_files, load_config
+from agent.config import ConfigError
+from agent.config_overrides import load_effective_config
+from agent.config_paths import check_files
 from agent.protocol import json_schemas
 
 EXIT_OK = 0
@@ -18,23 +20,29 @@ EXIT_INVALID = 2
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    # Loaded exactly as `run` loads it, so saved overrides that `run` would drop are
+    # reported here (as warnings: they do not stop the agent).
     try:
-        config = load_config(args.config)
+        effective = load_effective_config(args.config)
     except ConfigError as err:
         for line in err.problems:
             print(line, file=sys.stderr)
         return EXIT_INVALID
+    config = effective.config
     if not args.offline:
         from agent.ops.check import format_table, run_checks
 
         results = run_checks(
             config,
             Path(args.config),
+            warnings=effective.warnings,
             source_timeout_s=args.timeout,
             broker_timeout_s=args.timeout,
         )
         print(format_table(results))
         return EXIT_CHECK_FAILED if any(r.failed for r in results) else EXIT_OK
+    for line in effective.warnings:
+        print(f"warning: {line}", file=sys.stderr)
     problems = check_files(config)
     for line in problems:
         print(line, file=sys.stderr)

@@ -1,20 +1,20 @@
-"""The agent's configuration: pydantic models loaded from YAML.
+"""The agent's configuration schema: pydantic models, and parsing data into them.
 
 Every model forbids unknown keys so that a misspelled option is an error, not a
-silently ignored line. ``load_config`` turns every problem into a ``ConfigError``
+silently ignored line. ``parse_config`` turns every problem into a ``ConfigError``
 whose lines each name the key path.
+
+Reading the file is ``agent.config_loading``; the files a config names,
+``agent.config_paths``; dotted-path (live) changes, ``agent.config_changes``; changes
+saved across restarts, ``agent.config_overrides``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.protocol import (
@@ -35,10 +35,16 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a setting: `1e400` in JSON or `.inf` in YAML is refused.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Live keys (agent.config_changes.LIVE_KEYS) come from the network as well as the file:
+# strict (true is not 1.0) and bounded, so no single change can silence a device.
+MAX_TELEMETRY_INTERVAL_S = 3600.0
+MAX_TOP_K = 1000
+MAX_PUBLISH_PER_S = 1000.0
 
 
 # ------------------------------------------------------------------------------ mqtt
@@ -222,8 +228,8 @@ SourceConfig: TypeAlias = Annotated[
 
 class PublishConfig(_Section):
     mode: Literal["every", "rate", "change"] = "every"
-    max_per_s: PositiveFloat | None = None
-    score_delta: Annotated[float, Field(gt=0, le=1)] = 0.1
+    max_per_s: Annotated[float, Field(strict=True, gt=0, le=MAX_PUBLISH_PER_S)] | None = None
+    score_delta: Annotated[float, Field(strict=True, gt=0, le=1)] = 0.1
 
     @model_validator(mode="after")
     def _rate_needs_limit(self) -> PublishConfig:
@@ -237,8 +243,8 @@ class PipelineConfig(_Section):
     model: Name = Field(description="model name in the store; deploys of that name update it")
     source: SourceConfig
     resize: Literal["stretch", "letterbox"] = "stretch"
-    top_k: Annotated[int, Field(ge=1)] = 3
-    threshold: Annotated[float, Field(ge=0, le=1)] = 0.0
+    top_k: Annotated[int, Field(strict=True, ge=1, le=MAX_TOP_K)] = 3
+    threshold: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.0
     publish: PublishConfig = PublishConfig()
     queue: Literal["latest", "fifo"] = Field(
         default="latest", description="latest: drop stale camera frames; fifo: sensors"
@@ -249,7 +255,7 @@ class PipelineConfig(_Section):
 
 
 class TelemetryConfig(_Section):
-    interval_s: Annotated[float, Field(ge=1)] = 10.0
+    interval_s: Annotated[float, Field(strict=True, ge=1, le=MAX_TELEMETRY_INTERVAL_S)] = 10.0
 
 
 class HttpApiConfig(_Section):
@@ -334,7 +340,7 @@ class AgentConfig(_Section):
         return self
 
 
-# ------------------------------------------------------------------------- loading
+# ------------------------------------------------------------------------ parsing
 
 
 def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
@@ -376,215 +382,3 @@ def parse_config(data: Any, source: str = "config") -> AgentConfig:
                 msg = msg.removeprefix("Value error, ")
             lines.append(f"{path}: {msg}")
         raise ConfigError(lines) from None
-
-
-def load_config(path: str | os.PathLike[str]) -> AgentConfig:
-    """Read and validate a YAML config file; raises ``ConfigError``.
-
-    Relative file paths inside the config are taken relative to the config file.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"{p}:{where}: invalid YAML: {problem}"]) from None
-    config = parse_config(data if data is not None else {}, str(p))
-    return _resolve_paths(config, p.parent.resolve())
-
-
-def _path_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, BaseModel, str]]:
-    """Every (key path, owning model, field name) whose value is a Path or list of Paths."""
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        path = f"{prefix}{name}"
-        if isinstance(value, BaseModel):
-            yield from _path_fields(value, f"{path}.")
-        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            for i, item in enumerate(value):
-                yield from _path_fields(item, f"{path}.{i}.")
-        elif isinstance(value, Path) or (
-            isinstance(value, list) and value and isinstance(value[0], Path)
-        ):
-            yield path, model, name
-
-
-def _resolve_paths(config: AgentConfig, base: Path) -> AgentConfig:
-    for _path, owner, name in _path_fields(config):
-        value = getattr(owner, name)
-        if isinstance(value, list):
-            setattr(owner, name, [v if v.is_absolute() else base / v for v in value])
-        elif not value.is_absolute():
-            setattr(owner, name, base / value)
-    return config
-
-
-# Files the agent reads at start-up; state_dir is created by the agent (or systemd).
-_MUST_EXIST = {
-    "mqtt.tls.ca_file",
-    "mqtt.tls.cert_file",
-    "mqtt.tls.key_file",
-    "mqtt.password_file",
-    "mqtt.command_keys",
-    "models.trusted_keys",
-    "runtime.delegate_path",
-}
-
-
-def check_files(config: AgentConfig) -> list[str]:
-    """Problems with files the config names, without touching network or hardware."""
-    problems = []
-    for path, owner, name in _path_fields(config):
-        generic = ".".join(p for p in path.split(".") if not p.isdigit())
-        value = getattr(owner, name)
-        values = value if isinstance(value, list) else [value]
-        for i, v in enumerate(values):
-            where = f"{path}.{i}" if isinstance(value, list) else path
-            source_file = generic in ("pipelines.source.path",)
-            if generic in _MUST_EXIST or source_file:
-                if not v.exists():
-                    problems.append(f"{where}: file not found: {v}")
-                elif generic != "pipelines.source.path" and not os.access(v, os.R_OK):
-                    problems.append(f"{where}: file not readable: {v}")
-    if config.mqtt.password_env and config.mqtt.password_env not in os.environ:
-        problems.append(
-            f"mqtt.password_env: environment variable {config.mqtt.password_env} is not set"
-        )
-    return problems
-
-
-# ------------------------------------------------------------------- live changes
-
-# What the `config` command and a SIGHUP may change without a restart. Pipelines are
-# addressed by name: `pipelines.<name>.threshold`.
-LIVE_KEYS = (
-    "log_level",
-    "telemetry.interval_s",
-    "pipelines.*.threshold",
-    "pipelines.*.top_k",
-    "pipelines.*.publish.mode",
-    "pipelines.*.publish.max_per_s",
-    "pipelines.*.publish.score_delta",
-)
-OVERRIDES_FILE = "config-overrides.json"
-
-
-def is_live_key(key: str) -> bool:
-    """Whether a dotted key (pipelines by name) may change without a restart."""
-    parts = key.split(".")
-    for pattern in LIVE_KEYS:
-        want = pattern.split(".")
-        if len(want) == len(parts) and all(w in ("*", p) for w, p in zip(want, parts, strict=True)):
-            return True
-    return False
-
-
-def config_from_data(data: dict[str, Any], path: str | os.PathLike[str]) -> AgentConfig:
-    """Validate raw data read from ``path``, resolving relative paths against its folder."""
-    return _resolve_paths(parse_config(data, str(path)), Path(path).parent.resolve())
-
-
-def apply_changes(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """A copy of raw config ``data`` with dotted ``changes`` applied; only live keys.
-
-    Raises ``ConfigError`` naming every key that is unknown or needs a restart, and
-    every value the resulting config rejects.
-    """
-    import copy
-
-    new = copy.deepcopy(data)
-    problems = []
-    for key, value in changes.items():
-        if not is_live_key(key):
-            problems.append(
-                f"{key}: cannot change live (live keys: {', '.join(LIVE_KEYS)}); "
-                "edit the config file and restart"
-            )
-            continue
-        parts = key.split(".")
-        node: Any = new
-        if parts[0] == "pipelines":
-            match = [p for p in new.get("pipelines") or [] if p.get("name") == parts[1]]
-            if not match:
-                problems.append(f"{key}: no pipeline named {parts[1]!r}")
-                continue
-            node, parts = match[0], parts[2:]
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    if problems:
-        raise ConfigError(problems)
-    parse_config(new)
-    return new
-
-
-def load_overrides(state_dir: Path) -> dict[str, Any]:
-    import json
-
-    path = state_dir / OVERRIDES_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise ConfigError([f"{path}: unreadable overrides: {exc}"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: overrides must be a JSON object"])
-    return data
-
-
-def save_overrides(state_dir: Path, overrides: dict[str, Any]) -> None:
-    """Written atomically: a crash leaves the old file or the new one, never half."""
-    import json
-    import tempfile
-
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".overrides.", dir=state_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(overrides, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, state_dir / OVERRIDES_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def read_raw(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The config file's YAML data (no validation); raises ``ConfigError``."""
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{p}: invalid YAML: {exc}"]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"{p}: top level must be a mapping of keys"])
-    return data
-
-
-def load_effective_config(path: str | os.PathLike[str]) -> AgentConfig:
-    """The config file with the persisted live changes (``config`` commands) applied."""
-    config = load_config(path)
-    overrides = load_overrides(config.state_dir)
-    if not overrides:
-        return config
-    try:
-        data = apply_changes(read_raw(path), overrides)
-    except ConfigError as err:
-        # A file edit can make an old override invalid: the file wins, and says so.
-        raise ConfigError(
-            [f"{config.state_dir / OVERRIDES_FILE}: {line}" for line in err.problems]
-        ) from None
-    return config_from_data(data, path)

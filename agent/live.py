@@ -1,9 +1,10 @@
 """The running config: live changes from ``config`` commands and SIGHUP reloads.
 
-Live changes are persisted as dotted overrides in the state directory (the config
-file under /etc is read-only to the sandboxed service) and applied over the file at
-every start. A reload re-reads the file: live keys take effect at once; anything
-else is named as needing a restart and keeps its old value until then.
+Live changes are saved as dotted overrides in the state directory
+(``agent.config_overrides``) and applied over the file at every start. A reload
+re-reads the file: live keys take effect at once; anything else is named as needing
+a restart and keeps its old value until then. Both go through
+``agent.config_changes``, so a value is checked by the schema whichever way it comes.
 """
 
 from __future__ import annotations
@@ -14,58 +15,61 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.config import (
-    AgentConfig,
-    ConfigError,
-    apply_changes,
-    config_from_data,
-    is_live_key,
-    load_effective_config,
-    load_overrides,
-    read_raw,
-    save_overrides,
-)
+from agent.config import AgentConfig, ConfigError
+from agent.config_changes import changed_keys, is_live_key, take_live, with_changes
+from agent.config_overrides import EffectiveConfig, load_effective_config, save_overrides
 
 logger = logging.getLogger(__name__)
 
 Listener = Callable[[AgentConfig], None]
-
-
-def flatten(config: AgentConfig) -> dict[str, Any]:
-    """Dotted leaf paths of a config; pipelines keyed by name, not position."""
-    data = config.model_dump(mode="json")
-    data["pipelines"] = {p["name"]: p for p in data.get("pipelines", [])}
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        else:
-            flat[prefix] = node
-
-    walk("", data)
-    return flat
-
-
-def changed_keys(old: AgentConfig, new: AgentConfig) -> list[str]:
-    a, b = flatten(old), flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+# State carries the warnings; a device that is reloaded often keeps only the newest.
+MAX_WARNINGS = 20
 
 
 class LiveConfig:
     """Owns the running config; others read ``current`` and subscribe to changes."""
 
-    def __init__(self, path: Path, config: AgentConfig) -> None:
+    def __init__(self, path: Path, config: AgentConfig, overrides: dict[str, Any] | None = None):
         self.path = path
         self.current = config
+        self._overrides = dict(overrides or {})
         self._lock = threading.Lock()
         self._listeners: list[Listener] = []
         self.restart_needed: list[str] = []
+        self.warnings: list[str] = []
+        self._unannounced: list[str] = []
 
     @classmethod
-    def load(cls, path: Path) -> LiveConfig:
-        return cls(path, load_effective_config(path))
+    def load(cls, path: Path, *, announce: bool = True) -> LiveConfig:
+        """The config as ``edge-agent run`` starts with it; stale overrides are dropped.
+
+        ``announce=False`` holds the warnings back until ``announce()``: the service
+        sets logging up from the config it loads, so it can only log them after that.
+        """
+        effective = load_effective_config(path)
+        live = cls(path, effective.config, effective.overrides)
+        live._settle(effective)
+        if announce:
+            live.announce()
+        return live
+
+    def announce(self) -> None:
+        """Log the warnings not logged yet, one line each."""
+        for line in self._unannounced:
+            logger.warning("%s", line)
+        self._unannounced = []
+
+    def _settle(self, effective: EffectiveConfig) -> None:
+        """Note what of the saved overrides was dropped, and save the ones kept."""
+        if not effective.needs_rewrite:
+            return
+        self._unannounced += effective.warnings
+        self.warnings = (self.warnings + effective.warnings)[-MAX_WARNINGS:]
+        try:
+            save_overrides(effective.config.state_dir, effective.overrides)
+        except (OSError, ConfigError) as exc:
+            # Not fatal: the same overrides are dropped again at the next start.
+            logger.error("could not rewrite the saved overrides: %s", exc)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -79,13 +83,19 @@ class LiveConfig:
                 logger.exception("applying a config change failed in %r", listener)
 
     def apply(self, changes: dict[str, Any]) -> dict[str, Any]:
-        """Apply and persist live changes; raises ``ConfigError`` and changes nothing."""
+        """Apply and save live changes; raises ``ConfigError`` and changes nothing.
+
+        The changes go onto the running config, not the file: an edit of the file
+        waits for a reload (SIGHUP) or a restart, as it would without this command.
+        """
         with self._lock:
-            state_dir = self.current.state_dir
-            overrides = {**load_overrides(state_dir), **changes}
-            data = apply_changes(read_raw(self.path), overrides)
-            config = config_from_data(data, self.path)
-            save_overrides(state_dir, overrides)
+            config = with_changes(self.current, changes)
+            overrides = {**self._overrides, **changes}
+            try:
+                save_overrides(config.state_dir, overrides)
+            except OSError as exc:
+                raise ConfigError([f"cannot save the change: {exc.strerror or exc}"]) from None
+            self._overrides = overrides
             self._publish(config)
         logger.info("config changed live: %s", ", ".join(sorted(changes)))
         return {"applied": changes}
@@ -94,10 +104,11 @@ class LiveConfig:
         """Re-read the file (SIGHUP): live keys change, the rest waits for a restart."""
         with self._lock:
             try:
-                new = load_effective_config(self.path)
+                effective = load_effective_config(self.path)
             except ConfigError as err:
                 logger.error("reload refused, config unchanged: %s", "; ".join(err.problems))
                 return {"error": err.problems}
+            new = effective.config
             changed = changed_keys(self.current, new)
             both = {p.name for p in self.current.pipelines} & {p.name for p in new.pipelines}
             live = [
@@ -108,27 +119,17 @@ class LiveConfig:
             restart = [k for k in changed if k not in live]
             if restart:
                 # Keep the old values for these: take only the live ones from the file.
-                new = _merge_live(self.current, new, live)
+                try:
+                    new = take_live(self.current, new, live)
+                except ConfigError as err:
+                    logger.error("reload refused, config unchanged: %s", "; ".join(err.problems))
+                    return {"error": err.problems}
                 logger.warning("config reload: needs a restart to change: %s", ", ".join(restart))
+            self._overrides = dict(effective.overrides)
+            self._settle(effective)
+            self.announce()
             self.restart_needed = restart
             if live:
                 logger.info("config reload: changed live: %s", ", ".join(live))
                 self._publish(new)
         return {"changed": live, "restart_needed": restart}
-
-
-def _merge_live(old: AgentConfig, new: AgentConfig, live: list[str]) -> AgentConfig:
-    """``old`` with the ``live`` keys taken from ``new``."""
-    merged = old.model_copy(deep=True)
-    for key in live:
-        parts = key.split(".")
-        src: Any = new
-        dst: Any = merged
-        if parts[0] == "pipelines":
-            src = next(p for p in new.pipelines if p.name == parts[1])
-            dst = next(p for p in merged.pipelines if p.name == parts[1])
-            parts = parts[2:]
-        for part in parts[:-1]:
-            src, dst = getattr(src, part), getattr(dst, part)
-        setattr(dst, parts[-1], getattr(src, parts[-1]))
-    return merged

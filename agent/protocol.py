@@ -374,6 +374,11 @@ class State(Message):
         default_factory=list,
         description="Config keys changed in the file (SIGHUP) that take effect at the next restart",
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the agent could not do as configured but carried on without "
+        "(a saved config override that no longer applies and was dropped)",
+    )
     since: float = Field(description="Unix time the agent started")
     ts: float
 

@@ -245,6 +245,7 @@ class Agent:
             pipelines=[p.state() for p in self.pipelines.values()],
             groups=list(config.device.groups),
             restart_needed=list(self.live.restart_needed),
+            warnings=list(self.live.warnings),
             since=self.started_at,
             ts=time.time(),
         )
@@ -286,6 +287,7 @@ class Agent:
 
 
 def run_agent(config_path: Path) -> int:
-    live = LiveConfig.load(config_path)
+    live = LiveConfig.load(config_path, announce=False)
     logs.setup_logging(live.current.log_level, live.current.log_format)
+    live.announce()
     return Agent(live).run()

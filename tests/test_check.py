@@ -48,7 +48,7 @@ def check(path: Path, *extra: str) -> tuple[int, dict[str, str], str]:
     rows: dict[str, str] = {}
     last = ""
     for line in result.stdout.splitlines():
-        if line[:4] in ("PASS", "FAIL", "SKIP"):
+        if line[:4] in ("PASS", "FAIL", "SKIP", "WARN"):
             last = line[6:].split("  ")[0].strip()
             rows[last] = line
         elif line.strip().startswith("remedy:"):
@@ -255,3 +255,48 @@ def test_invalid_config_exits_2_before_any_check(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "mqtt.prot: unknown key" in result.stderr
+
+
+def stale_override(tmp_path: Path) -> None:
+    """An override saved for a pipeline the file has since renamed (``main`` is now)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "config-overrides.json").write_text('{"pipelines.front.threshold": 0.5}')
+
+
+STALE_WARNING = "saved override pipelines.front.threshold dropped: no pipeline named 'front'"
+
+
+def test_offline_check_warns_of_an_override_run_would_drop(tmp_path: Path) -> None:
+    """`check` loads as `run` does: before, it said ok and `run` exited 2."""
+    path = write_config(tmp_path, free_port())
+    stale_override(tmp_path)
+    status, _rows, output = check(path, "--offline")
+    assert status == 0, output
+    assert f"warning: {STALE_WARNING}" in output and ": ok (device chk-1" in output
+    # A check changes nothing: the running agent is the one that rewrites the file.
+    assert "front" in (tmp_path / "state" / "config-overrides.json").read_text()
+
+
+def test_online_check_has_a_warn_row_that_does_not_fail(
+    private_broker: Broker, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, private_broker.port)
+    stale_override(tmp_path)
+    status, _rows, output = check(path)
+    assert status == 0, output
+    warn_rows = [line.split(None, 2) for line in output.splitlines() if line.startswith("WARN")]
+    assert warn_rows == [["WARN", "config", STALE_WARNING]], output
+    assert output.splitlines()[-1].endswith(", 1 warned")
+
+
+def test_table_counts_warnings_apart() -> None:
+    table = format_table(
+        [CheckResult("config", "PASS", "ok"), CheckResult("config", "WARN", "dropped", "fix it")]
+    )
+    assert table.splitlines() == [
+        "PASS  config  ok",
+        "WARN  config  dropped",
+        "              remedy: fix it",
+        "1 passed, 0 failed, 0 skipped, 1 warned",
+    ]

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.config import ConfigError, check_files, load_config
+from agent.config import ConfigError
+from agent.config_loading import load_config
+from agent.config_paths import check_files
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from agent.ops.logs import LEVEL_ENV, effective_level, setup_logging
-from tests.mqtt_support import Broker
+from tests.mqtt_support import Broker, MessageCollector, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,3 +120,102 @@ def test_the_agent_process_logs_json_at_the_environment_level(
     assert "INFO" in levels, err  # WARNING in the config, DEBUG from the environment
     assert any(line["message"] == "stopped" for line in lines), err
     assert all(set(line) >= {"ts", "level", "logger", "message"} for line in lines)
+
+
+# ------------------------------------------------------------- untrusted text
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_text_records_stay_one_line_whatever_the_message_holds() -> None:
+    out = io.StringIO()
+    setup_logging("INFO", "text", stream=out, environ={})
+    hostile = "k\nERROR agent.link.commands: FORGED\r\x1b[2J\x85\u2028\ud800"
+    logging.getLogger("agent.link.commands").warning("command %s failed", hostile)
+    assert out.getvalue() == (
+        "WARNING agent.link.commands: command "
+        "k\\nERROR agent.link.commands: FORGED\\r\\x1b[2J\\x85\\u2028\\ud800 failed\n"
+    )
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_every_traceback_line_is_indented_so_none_reads_as_a_record() -> None:
+    out = io.StringIO()
+    setup_logging("INFO", "text", stream=out, environ={})
+    try:
+        raise ValueError("bad key\nERROR agent.x: FORGED")
+    except ValueError:
+        logging.getLogger("agent.x").exception("handling failed")
+    first, *rest = out.getvalue().splitlines()
+    assert first == "ERROR agent.x: handling failed"
+    assert rest and all(line.startswith("  ") for line in rest)
+    assert "  ERROR agent.x: FORGED" in rest
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_json_lines_survive_a_lone_surrogate_and_line_separators() -> None:
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)
+    setup_logging("INFO", "json", stream=out, environ={})
+    logging.getLogger("agent.x").warning("key %s", "a\ud800b\u2028c")
+    lines = raw.getvalue().decode("utf-8").splitlines()  # before: UnicodeEncodeError, no line
+    assert len(lines) == 1
+    assert json.loads(lines[0])["message"] == "key a\ud800b\u2028c"
+
+
+def test_a_config_command_cannot_forge_a_line_in_the_agent_log(
+    private_broker: Broker, tmp_path: Path
+) -> None:
+    """A real agent, a real broker: the key of a `config` command ends up in the log."""
+    config = {
+        "device": {"id": "log-2"},
+        "state_dir": str(tmp_path / "state"),
+        "log_level": "INFO",
+        "models": {"require_signature": False},
+        "mqtt": {"host": "127.0.0.1", "port": private_broker.port},
+    }
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop(LEVEL_ENV, None)
+    replies = MessageCollector(private_broker, "edge/log-2/reply")
+    log = tmp_path / "agent.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", str(path)],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        wait_for_text(log, "started", proc)
+        command = {"id": "cfg-forge", "op": "config", "changes": {"x\nFAKE": 1}}
+        publish(private_broker, "edge/log-2/cmd", json.dumps(command).encode())
+        final = final_reply(replies)
+        assert final["code"] == "config_rejected", final
+        assert "\n" not in final["message"]
+    finally:
+        replies.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    lines = log.read_text().splitlines()
+    assert not any(line.startswith("FAKE") for line in lines), lines
+    forged = [line for line in lines if "FAKE" in line]
+    assert len(forged) >= 1 and all(line.startswith("WARNING ") for line in forged), lines
+    assert all("x\\nFAKE" in line for line in forged), forged
+
+
+def final_reply(replies: MessageCollector, timeout: float = 30) -> dict[str, object]:
+    """The first reply that is done or failed (accepted/progress come before it)."""
+    n = 1
+    while True:
+        for message in replies.wait_for(n, timeout):
+            reply = json.loads(message.payload)
+            if reply.get("status") in ("done", "failed"):
+                return dict(reply)
+        n += 1
+
+
+def wait_for_text(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"no {text!r} in {log.read_text()}"
+        time.sleep(0.1)

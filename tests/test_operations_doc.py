@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from agent.cli import build_parser
-from agent.config import LIVE_KEYS
+from agent.config_changes import LIVE_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs/operations.md").read_text()

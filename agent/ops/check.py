@@ -4,7 +4,8 @@ Each check gives one row of a PASS/FAIL table, and each failure a remedy an
 operator can act on: the config's files, the runtime and delegate, one frame or
 window from every source, every configured model that is in the store (checksum
 and the isolated validation child), and a real MQTT CONNECT with the configured
-TLS and credentials. SKIP rows (nothing to check yet) do not fail the check.
+TLS and credentials. SKIP rows (nothing to check yet) and WARN rows (the agent
+starts, but not quite as configured: a saved override it drops) do not fail the check.
 
 The check uses the agent's own parts, so it runs at the service's level of the
 dependency arrows: ops -> link, loops, models. It never changes state: the store is
@@ -28,14 +29,15 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from agent.config import AgentConfig, PipelineConfig, check_files
+from agent.config import AgentConfig, PipelineConfig
+from agent.config_paths import check_files
 from agent.link.client import LinkError, resolve_password, tls_context
 from agent.loops.sources.base import EndOfStream, SourceError, create_source
 from agent.models.runtime import LoaderError, Runtime, probe_delegate, select_runtime
 from agent.models.store import ModelRecord, ModelStore, StoreError
 from agent.models.validate import ValidationFailed, Validator
 
-Status = Literal["PASS", "FAIL", "SKIP"]
+Status = Literal["PASS", "FAIL", "SKIP", "WARN"]
 _SOURCE_PATH = re.compile(r"pipelines\.\d+\.source\.path: ")
 AS_AGENT = "sudo -u edge-agent /opt/edge-agent/venv/bin/edge-agent check /etc/edge-agent/agent.yaml"
 
@@ -63,17 +65,24 @@ def _fail(name: str, detail: str, remedy: str) -> CheckResult:
 # ------------------------------------------------------------------- config, runtime
 
 
-def check_config_files(config: AgentConfig, path: Path) -> list[CheckResult]:
+def check_config_files(
+    config: AgentConfig, path: Path, warnings: Iterable[str] = ()
+) -> list[CheckResult]:
+    remedy = (
+        "the agent drops it at start and rewrites the overrides file; if it is still "
+        "wanted, send the `config` command again (the new pipeline name, a value in bounds)"
+    )
+    warned = [CheckResult("config", "WARN", line, remedy) for line in warnings]
     # A missing source file gets its own row, with a remedy for its source type.
     problems = [p for p in check_files(config) if not _SOURCE_PATH.match(p)]
     if not problems:
         summary = f"{path}: device {config.device.id}, {len(config.pipelines)} pipeline(s)"
-        return [_pass("config", summary)]
+        return [_pass("config", summary), *warned]
     remedy = (
         "create the file or fix the path in the config (relative paths are taken from the "
         "config's folder); the edge-agent user must be able to read it"
     )
-    return [_fail("config", line, remedy) for line in problems]
+    return [*(_fail("config", line, remedy) for line in problems), *warned]
 
 
 def check_runtime(config: AgentConfig) -> tuple[CheckResult, Runtime | None]:
@@ -358,11 +367,15 @@ def run_checks(
     config: AgentConfig,
     config_path: Path,
     *,
+    warnings: Iterable[str] = (),
     source_timeout_s: float = 10.0,
     broker_timeout_s: float = 10.0,
 ) -> list[CheckResult]:
-    """Every check, in the order the agent meets them at start-up."""
-    results = check_config_files(config, config_path)
+    """Every check, in the order the agent meets them at start-up.
+
+    ``warnings`` are what loading the config said (``EffectiveConfig.warnings``).
+    """
+    results = check_config_files(config, config_path, warnings)
     runtime_result, runtime = check_runtime(config)
     results += [runtime_result, check_delegate(config, runtime)]
     results += [check_source(p, i, source_timeout_s) for i, p in enumerate(config.pipelines)]
@@ -382,5 +395,7 @@ def format_table(results: Iterable[CheckResult]) -> str:
     failed = sum(r.failed for r in rows)
     passed = sum(r.status == "PASS" for r in rows)
     skipped = sum(r.status == "SKIP" for r in rows)
-    lines.append(f"{passed} passed, {failed} failed, {skipped} skipped")
+    warned = sum(r.status == "WARN" for r in rows)
+    summary = f"{passed} passed, {failed} failed, {skipped} skipped"
+    lines.append(f"{summary}, {warned} warned" if warned else summary)
     return "\n".join(lines)
