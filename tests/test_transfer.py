@@ -12,6 +12,8 @@ import hashlib
 import http.server
 import json
 import os
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +30,14 @@ from agent.link.commands import CommandDispatcher
 from agent.link.transfer import ArtifactFetcher
 from agent.models.manifest import generate_keypair, load_private_key, sign_manifest
 from fleet.serve import ChunkPublisher
-from tests.link_support import FakeLink, FakeTarget, make_config, model_manifest, wait_until
+from tests.link_support import (
+    FakeLink,
+    FakeTarget,
+    make_config,
+    make_pki,
+    model_manifest,
+    wait_until,
+)
 from tests.mqtt_support import Broker
 
 Progress = Callable[[str, float | None], None]
@@ -430,6 +439,53 @@ def test_stop_ends_a_download_the_server_stalls(
     assert not thread.is_alive(), "fetch did not end after stop()"
     assert "stopping" in outcome["error"].message
     assert tmp_files(config) == []
+
+
+def test_https_downloads_and_stops_in_the_handshake_and_the_body(
+    tmp_path: Path, stall_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _url, data = stall_server
+    pki = make_pki(tmp_path / "pki")
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    config = make_config(tmp_path / "state", models={"download": {"timeout_s": 60}})
+    fetcher = ArtifactFetcher(config, FakeLink())
+    manifest = model_manifest(data)
+    PlainHandler.data, PlainHandler.requests = data, []
+    servers = []
+    for handler in (PlainHandler, StallHandler):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="test-https", daemon=True).start()
+        servers.append(server)
+    # A listener that never accepts: the TCP connection opens, the TLS handshake stalls.
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        plain, stalled = (f"https://127.0.0.1:{s.server_address[1]}/m" for s in servers)
+        fetched = fetcher.fetch("d0", p.UrlArtifact(url=plain), manifest, no_progress)
+        assert fetched.read_bytes() == data
+        fetched.unlink()
+        handshake = f"https://127.0.0.1:{silent.getsockname()[1]}/m"
+        for url in (handshake, stalled):
+            fetcher = ArtifactFetcher(config, FakeLink())
+            thread, outcome = fetch_in_thread(fetcher, p.UrlArtifact(url=url), manifest)
+            if url == stalled:
+                wait_until(lambda: tmp_files(config) == ["d1.part"], what="the first bytes")
+            else:
+                thread.join(0.5)  # let it reach the handshake; the stop must end it either way
+            fetcher.stop()
+            thread.join(5)  # without the fix: the 60 s stall timeout
+            assert not thread.is_alive(), url
+            assert "stopping" in outcome["error"].message
+            assert tmp_files(config) == []
+    finally:
+        StallHandler.release.set()
+        silent.close()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
 
 
 def test_a_trickling_download_ends_at_the_deadline(tmp_path: Path) -> None:

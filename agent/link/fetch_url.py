@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -261,8 +262,16 @@ class UrlFetcher:
                 self._create_connection = create_connection
 
             def connect(self) -> None:
-                super().connect()
+                # HTTPSConnection.connect, with the handshake after the TLS socket is
+                # watched: a server that stalls the handshake cannot delay a stop.
+                http.client.HTTPConnection.connect(self)
+                host = self._tunnel_host or self.host  # type: ignore[attr-defined]
+                context: ssl.SSLContext = self._context  # type: ignore[attr-defined]
+                self.sock = context.wrap_socket(
+                    self.sock, server_hostname=host, do_handshake_on_connect=False
+                )
                 sockets.add(self.sock)
+                self.sock.do_handshake()
 
         class Http(urllib.request.HTTPHandler):
             def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
