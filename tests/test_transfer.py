@@ -115,6 +115,17 @@ class OversendHandler(Served):
         self.close_connection = True
 
 
+class RedirectHandler(Served):
+    """Redirects every request to ``data`` (a URL)."""
+
+    def do_GET(self) -> None:
+        type(self).requests.append(None)
+        self.send_response(302)
+        self.send_header("Location", self.data.decode())
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
 class StallHandler(Served):
     """Sends headers and a first block, then nothing until ``release`` is set."""
 
@@ -229,6 +240,18 @@ def test_refused_and_failed_urls(
         fetcher.fetch("d1", p.UrlArtifact(url=url), model_manifest(b"x" * 10), no_progress)
     assert err.value.code == p.ReplyCode.DOWNLOAD_FAILED
     assert words in err.value.message
+    assert tmp_files(config) == []
+
+
+def test_a_redirect_to_a_host_not_allowed_is_refused(tmp_path: Path) -> None:
+    config = make_config(tmp_path, transfer={"allowed_hosts": ["127.0.0.1"]})
+    fetcher = ArtifactFetcher(config, FakeLink())
+    for url in serve(RedirectHandler, b"http://fleet.example/model.tflite"):
+        with pytest.raises(p.CommandFailed) as err:
+            fetcher.fetch("d1", p.UrlArtifact(url=url), model_manifest(b"x" * 10), no_progress)
+        assert err.value.code == p.ReplyCode.DOWNLOAD_FAILED
+        assert "'fleet.example' is not in transfer.allowed_hosts" in err.value.message
+        assert RedirectHandler.requests == [None]
     assert tmp_files(config) == []
 
 

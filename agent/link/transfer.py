@@ -16,6 +16,7 @@ running fetch fail within about a second.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -150,7 +151,8 @@ class ArtifactFetcher:
                 raise fail(str(exc), p.ReplyCode.CHECKSUM_MISMATCH) from None
             os.replace(part, target)
         except BaseException:
-            part.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                part.unlink(missing_ok=True)
             raise
         return target
 
