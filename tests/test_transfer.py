@@ -541,7 +541,9 @@ def chunks_of(data: bytes, transfer_id: str, size: int) -> list[bytes]:
     ]
 
 
-def test_chunked_transfer_asks_again_for_missing_and_corrupt_chunks(tmp_path: Path) -> None:
+def test_chunked_transfer_asks_again_for_missing_and_corrupt_chunks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     data = os.urandom(10_000)
     link = FakeLink()
     config = make_config(tmp_path, transfer={"chunk_wait_s": 0.3})
@@ -577,6 +579,10 @@ def test_chunked_transfer_asks_again_for_missing_and_corrupt_chunks(tmp_path: Pa
     assert path.read_bytes() == data
     assert requests == [list(range(len(chunks))), [3, 5]]
     assert topic not in link.handlers
+    # The corrupt chunk and the garbage, counted in one line.
+    assert [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()] == [
+        "transfer t1: dropped 2 malformed, misfit or corrupt chunk(s)"
+    ]
 
 
 def test_an_unanswered_chunked_transfer_gives_up_and_leaves_no_file(tmp_path: Path) -> None:

@@ -91,10 +91,18 @@ class ChunkReceiver:
                 fd = os.open(delivery.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             except OSError as exc:
                 raise storage_failed(exc) from None
+            dropped = [0]
             try:
-                self._collect(fd, artifact, inbox, delivery)
+                self._collect(fd, artifact, inbox, delivery, dropped)
             finally:
                 os.close(fd)
+                if dropped[0]:
+                    # Once per transfer, not per chunk: a flood must not flood the log.
+                    log.warning(
+                        "transfer %s: dropped %d malformed, misfit or corrupt chunk(s)",
+                        artifact.transfer_id,
+                        dropped[0],
+                    )
         finally:
             self._link.unsubscribe(topic)
 
@@ -104,6 +112,7 @@ class ChunkReceiver:
         artifact: p.MqttArtifact,
         inbox: queue.Queue[Incoming],
         delivery: Delivery,
+        dropped: list[int],
     ) -> None:
         total = artifact.chunks
         received = bytearray(total)  # the ledger: 1 = written
@@ -129,7 +138,10 @@ class ChunkReceiver:
                     quiet_since = time.monotonic()
                 continue
             index, data = self._chunk_bytes(incoming.payload, artifact, delivery.size)
-            if index is None or received[index]:
+            if index is None:
+                dropped[0] += 1
+                continue
+            if received[index]:
                 continue
             try:
                 os.pwrite(fd, data, index * artifact.chunk_size)
@@ -168,7 +180,7 @@ class ChunkReceiver:
         if len(data) != expected:
             return None, b""
         if chunk.sha256 is not None and hashlib.sha256(data).hexdigest() != chunk.sha256:
-            log.warning("chunk %d of %s fails its sha256; dropped", chunk.index, chunk.transfer_id)
+            log.debug("chunk %d of %s fails its sha256", chunk.index, chunk.transfer_id)
             return None, b""
         return chunk.index, data
 
