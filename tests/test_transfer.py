@@ -14,7 +14,9 @@ import json
 import os
 import socket
 import ssl
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,40 @@ class FlakyHandler(Served):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+
+
+class ResetHandler(Served):
+    """Honours Range; the first response ends early (EOF), the second is reset (RST)
+    part-way through, the third completes."""
+
+    def do_GET(self) -> None:
+        rng = self.headers.get("Range")
+        type(self).requests.append(rng)
+        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        body = self.data[start:]
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if rng:
+            self.send_header(
+                "Content-Range", f"bytes {start}-{len(self.data) - 1}/{len(self.data)}"
+            )
+        self.end_headers()
+        attempt = len(type(self).requests)
+        if attempt < 3:
+            self.wfile.write(body[: len(body) // 3])
+            self.wfile.flush()
+            if attempt == 2:
+                # Linger 0: close with RST, so the client's read fails mid-body.
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                time.sleep(0.2)  # let the bytes reach the client before the reset
+            else:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            self.connection.close()
+            self.close_connection = True
             return
         self.wfile.write(body)
 
@@ -220,6 +256,15 @@ def test_interrupted_http_download_resumes_with_range(tmp_path: Path, flaky_serv
     assert FlakyHandler.requests[0] is None
     assert FlakyHandler.requests[1] is not None and FlakyHandler.requests[1] != "bytes=0-"
     assert stages[-1] == ("downloading", 100.0)
+
+
+def test_a_resume_starts_where_the_file_ends_after_a_reset(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    fetcher = ArtifactFetcher(make_config(tmp_path), FakeLink())
+    for url in serve(ResetHandler, data):
+        path = fetcher.fetch("d1", p.UrlArtifact(url=url), model_manifest(data), no_progress)
+        assert path.read_bytes() == data
+        assert len(ResetHandler.requests) == 3, ResetHandler.requests
 
 
 @pytest.mark.parametrize(

@@ -163,10 +163,11 @@ class UrlFetcher:
     def _http_get(self, url: str, delivery: Delivery, sockets: _Sockets) -> None:
         opener = self._opener(delivery, sockets)
         size = delivery.size
-        have = 0
         failures = 0
         while True:
             delivery.check()
+            # What is on disk is where a resume starts, however the last attempt ended.
+            have = _size_of(delivery.part)
             headers = {"Range": f"bytes={have}-"} if have else {}
             try:
                 with opener.open(
@@ -301,6 +302,13 @@ class UrlFetcher:
         if length and length.isdigit() and len(length) < 20:
             return int(length) + have
         return None
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _write(out: BinaryIO, block: bytes) -> None:
