@@ -298,6 +298,9 @@ class TransferConfig(_Section):
     chunk_requests: Annotated[int, Field(ge=1)] = Field(
         default=6, description="MQTT transfer: requests for missing chunks before giving up"
     )
+    deadline_s: Annotated[float, Field(gt=0, le=86400)] = Field(
+        default=1800.0, description="a deploy's whole download or chunk transfer, at most"
+    )
 
 
 class DeviceConfig(_Section):

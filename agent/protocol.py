@@ -245,25 +245,28 @@ class _CommandBase(Message):
     )
 
 
-class HttpArtifact(Message):
-    """The model file at a URL (http or https) the device downloads."""
-
-    kind: Literal["http"] = "http"
-    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
-
-
 class UrlArtifact(Message):
     """The model file at a URL the device fetches: ``https``, ``http`` or ``file``.
 
     Which schemes (and hosts) a device accepts is its own config (``transfer``).
+    ``kind: "http"`` is the older spelling, still accepted and read as ``"url"``.
     """
 
-    kind: Literal["url"] = "url"
+    kind: Annotated[Literal["url", "http"], AfterValidator(lambda _kind: "url")] = "url"
     url: Annotated[str, Field(pattern=r"^(https?|file)://", max_length=2048)]
 
 
+# A smaller chunk makes a transfer of many tiny messages; devices refuse it, except
+# for a file that fits in one chunk.
+MIN_CHUNK_BYTES = 1024
+
+
 class MqttArtifact(Message):
-    """The model file sent as ``Chunk`` messages on ``<prefix>/transfer/<transfer_id>``."""
+    """The model file sent as ``Chunk`` messages on ``<prefix>/transfer/<transfer_id>``.
+
+    ``chunks`` must be ``ceil(manifest.model.size / chunk_size)`` and ``chunk_size`` at
+    least ``MIN_CHUNK_BYTES`` (unless the file fits in one chunk); devices check both.
+    """
 
     kind: Literal["mqtt"] = "mqtt"
     transfer_id: CommandId
@@ -271,9 +274,7 @@ class MqttArtifact(Message):
     chunks: Annotated[int, Field(gt=0)]
 
 
-Artifact: TypeAlias = Annotated[
-    HttpArtifact | UrlArtifact | MqttArtifact, Field(discriminator="kind")
-]
+Artifact: TypeAlias = Annotated[UrlArtifact | MqttArtifact, Field(discriminator="kind")]
 
 
 class DeployCommand(_CommandBase):

@@ -17,6 +17,8 @@ from pydantic import ValidationError
 from agent.models.manifest import Bundle, BundleError, load_public_key, verify_bundle
 from agent.protocol import (
     DEFAULT_PREFIX,
+    MAX_COMMAND_BYTES,
+    MIN_CHUNK_BYTES,
     Command,
     DeployCommand,
     PingCommand,
@@ -175,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model file is already served at this https://, http:// or file:// URL "
         "(object storage, a CDN, a shared mount): no built-in server",
     )
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="BYTES",
+        help=f"MQTT chunk size, {MIN_CHUNK_BYTES}..{MAX_COMMAND_BYTES} bytes (default 64 KiB)",
+    )
     p.add_argument("--pipeline", type=_id(validate_name), help="pipeline to serve the model on")
     p.add_argument(
         "--timeout",
@@ -329,6 +337,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.max_failures < 0:
         raise UsageError("--max-failures must be 0 or more")
+    if not MIN_CHUNK_BYTES <= args.chunk_size <= MAX_COMMAND_BYTES:
+        raise UsageError(f"--chunk-size must be {MIN_CHUNK_BYTES}..{MAX_COMMAND_BYTES} bytes")
     if args.url and args.via != "http":
         raise UsageError("--url goes with --via http")
     if args.url:

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from agent.models.manifest import Bundle
 from agent.protocol import (
     MAX_COMMAND_BYTES,
+    MIN_CHUNK_BYTES,
     Artifact,
     Chunk,
     ChunkRequest,
@@ -179,6 +180,8 @@ class ChunkPublisher:
     ) -> None:
         if not 0 < chunk_size <= MAX_COMMAND_BYTES:
             raise ValueError(f"chunk size must be 1..{MAX_COMMAND_BYTES} bytes")
+        # Devices refuse smaller chunks of a file that takes more than one.
+        chunk_size = max(chunk_size, MIN_CHUNK_BYTES)
         self._publish_many = publish_many
         self._subscribe = subscribe
         self.path = path

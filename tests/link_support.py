@@ -4,6 +4,7 @@ configs and certificates."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import threading
 import time
@@ -332,3 +333,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def model_manifest(data: bytes, name: str = "digits", version: str = "2") -> dict[str, Any]:
+    """A valid manifest (as parse_manifest wants it) for a model file of these bytes."""
+    return {
+        "format": 1,
+        "name": name,
+        "version": version,
+        "created_at": "2026-01-01T00:00:00Z",
+        "task": "classify",
+        "quantization": "int8",
+        "model": {
+            "file": "model.tflite",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+        },
+        "inputs": [{"name": "input", "shape": [1, 8, 8, 1], "dtype": "int8"}],
+        "outputs": [{"name": "output", "shape": [1, 10], "dtype": "int8"}],
+        "producer": {"converter": "tests"},
+    }

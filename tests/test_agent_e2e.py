@@ -30,11 +30,11 @@ from agent.models.manifest import generate_keypair
 from agent.protocol import (
     ConfigCommand,
     DeployCommand,
-    HttpArtifact,
     Reply,
     Result,
     State,
     Telemetry,
+    UrlArtifact,
 )
 from tests.converter_support import build_digits_bundle
 from tests.mqtt_support import Broker, MessageCollector, publish
@@ -194,7 +194,7 @@ def test_tampered_bundle_is_refused_and_v2_keeps_serving(setup: Setup, tmp_path:
         url = f"http://127.0.0.1:{server.server_address[1]}/model.tflite"
         command = DeployCommand(
             id="tampered-1", manifest=manifest, signature=signature,
-            artifact=HttpArtifact(url=url), expires_at=time.time() + 60,
+            artifact=UrlArtifact(url=url), expires_at=time.time() + 60,
         )  # fmt: skip
         publish(setup.broker, "edge/pi-e2e/cmd", command.to_bytes())
         wait_for(

@@ -34,6 +34,7 @@ from tests.link_support import (
     SessionCollector,
     make_config,
     make_pki,
+    model_manifest,
     wait_until,
 )
 from tests.mqtt_support import Broker, MessageCollector, publish
@@ -356,11 +357,7 @@ def test_chunked_deploy_over_the_broker(broker: Broker, tmp_path: Path) -> None:
         command = {
             "id": "dep-chunks",
             "op": "deploy",
-            "manifest": {
-                "name": "digits",
-                "version": "4",
-                "model": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)},
-            },
+            "manifest": model_manifest(data, version="4"),
             "artifact": {"kind": "mqtt", "transfer_id": "t-9", "chunk_size": size, "chunks": 4},
         }
         publish(broker, "edge/pi-chunk/cmd", json.dumps(command).encode())

@@ -19,7 +19,7 @@ from agent import protocol as p
 from agent.link.commands import CommandDispatcher, CommandTarget
 from agent.link.signing import sign_command
 from agent.link.transfer import ArtifactFetcher
-from tests.link_support import FakeLink, FakeTarget, Published, make_config
+from tests.link_support import FakeLink, FakeTarget, Published, make_config, model_manifest
 
 CMD = "edge/pi-1/cmd"
 REPLY = "edge/pi-1/reply"
@@ -156,15 +156,10 @@ def test_target_failures_become_coded_replies(plane: Plane) -> None:
 
 
 def _deploy(command_id: str, url: str, data: bytes, **extra: Any) -> dict[str, Any]:
-    manifest = {
-        "name": "digits",
-        "version": "2",
-        "model": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)},
-    }
     return {
         "id": command_id,
         "op": "deploy",
-        "manifest": manifest,
+        "manifest": model_manifest(data),
         "artifact": {"kind": "url", "url": url},
         **extra,
     }

@@ -59,7 +59,7 @@ def test_decode_round_trips_every_command() -> None:
         p.DeployCommand(
             id="c6",
             manifest={"name": "digits", "version": "2"},
-            artifact=p.HttpArtifact(url="http://10.0.0.1:8000/model.tflite"),
+            artifact=p.UrlArtifact(url="http://10.0.0.1:8000/model.tflite"),
         ),
         p.DeployCommand(
             id="c7",
@@ -85,7 +85,7 @@ def test_decode_round_trips_every_command() -> None:
         (b'{"id": "a/b", "op": "ping"}', p.ReplyCode.SCHEMA, "id:"),
         (
             b'{"id": "x", "op": "deploy", "manifest": {}, "artifact": {"kind": "http", '
-            b'"url": "file:///etc/passwd"}}',
+            b'"url": "ftp://192.0.2.1/m"}}',
             p.ReplyCode.SCHEMA,
             "artifact.url",
         ),

@@ -298,7 +298,9 @@ class CommandDispatcher:
 
     def _deploy(self, command: p.DeployCommand, progress: p.Progress) -> dict[str, Any]:
         manifest = dict(command.manifest)
-        model_file = self._fetcher.fetch(command.id, command.artifact, manifest, progress)
+        model_file = self._fetcher.fetch(
+            command.id, command.artifact, manifest, progress, signature=command.signature
+        )
         try:
             return self._changed(
                 self._target.deploy(
