@@ -564,3 +564,37 @@ def test_deploys_do_not_go_back(
         assert d.state() == ("3", "3", "serving")
         assert d.lifecycle.rollback("digits", "1", d.progress)["version"] == "1"
         assert d.worker.serving_version() == "1"
+
+
+def test_a_stop_during_probation_leaves_the_trial_to_the_next_start(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        d.deploy(tiny_int8_model, "1")
+    slow = ProbationConfig(duration_s=600, min_inferences=5, max_latency_ratio=2.0)
+    with device(tmp_path, keys, runtime, probation=slow) as d:
+        outcome: list[BaseException] = []
+
+        def second() -> None:
+            try:
+                d.deploy(tiny_int8_model, "2")
+            except CommandFailed as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=second)
+        worker.start()
+        while "probation" not in d.stages:
+            threading.Event().wait(0.02)
+        d.lifecycle.stop()  # what the agent does on SIGTERM
+        worker.join(30)
+        assert not worker.is_alive()
+        (failed,) = outcome
+        assert isinstance(failed, CommandFailed)
+        assert failed.code == ReplyCode.PROBATION_FAILED
+        assert "stopped during probation" in failed.message
+        # No swap back during the stop; the store still has it on trial.
+        assert d.worker.serving_version() == "2"
+        assert d.lifecycle.store.record("digits").trial == "2"
+    with device(tmp_path, keys, runtime) as d:
+        assert d.state() == ("1", "1", "serving")
+        assert d.worker.serving_version() == "1"

@@ -363,6 +363,15 @@ class ModelLifecycle:
 
         progress("probation", None)
         problem, figures = self._probation(servers, version, baseline)
+        if problem is not None and self._stop.is_set():
+            # No swap while the agent stops: the version stays on trial in the store,
+            # and the next start puts last-known-good back, as after a crash.
+            raise CommandFailed(
+                ReplyCode.PROBATION_FAILED,
+                f"{name} {version}: the agent stopped during probation; the next start "
+                "serves the last-known-good version",
+                {"model": name, "version": version},
+            )
         if problem is not None:
             target = self._rollback_after_probation(name, version, servers, problem)
             raise CommandFailed(
