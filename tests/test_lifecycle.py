@@ -492,6 +492,7 @@ def test_a_restart_during_probation_serves_last_known_good(
                 "message": "agent restarted during probation",
                 "rolled_back_to": "1",
             }
+            assert d.lifecycle.last_failure("digits") == rec.failure
     # A rollback without a target never picks the failed version...
     with device(tmp_path, keys, runtime) as d:
         with pytest.raises(CommandFailed) as info:

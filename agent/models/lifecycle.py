@@ -195,6 +195,11 @@ class ModelLifecycle:
             )
         return states
 
+    def last_failure(self, name: str) -> dict[str, str] | None:
+        """The last failed trial of ``name`` (version, code, message, rolled_back_to),
+        until a version passes; for the final reply to a deploy a restart interrupted."""
+        return self.store.record(name).failure
+
     # ------------------------------------------------------------------ start-up
 
     def start(self) -> None:
