@@ -210,6 +210,7 @@ class ReplyCode(str, Enum):
     VALIDATION_FAILED = "validation_failed"
     INCOMPATIBLE = "incompatible"
     PROBATION_FAILED = "probation_failed"
+    DOWNGRADE = "downgrade"
     CONFIG_REJECTED = "config_rejected"
     INTERNAL = "internal"
 

@@ -438,3 +438,164 @@ def test_sub_millisecond_jitter_does_not_fail_probation(
     d.deploy(tiny_int8_model, "1")
     d.deploy(tiny_int8_model, "2")
     assert server.version == "2"
+
+
+# ------------------------------------------------- crashes, trial state and downgrades
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL at a stage: nothing after it runs, no handler sees it."""
+
+
+def killed_at(stage: str) -> Any:
+    def progress(seen: str, percent: float | None) -> None:
+        if seen == stage:
+            raise Killed(stage)
+
+    return progress
+
+
+def deploy_killed_at(d: Device, model: Path, version: str, stage: str) -> None:
+    bundle = make_bundle(
+        d.state_dir.parent / f"b-digits-{version}", model, d.keys, "digits", version
+    )
+    with pytest.raises(Killed):
+        d.lifecycle.deploy(
+            bundle.manifest_data, bundle.signature, bundle.model_path, None, killed_at(stage)
+        )
+
+
+def test_a_restart_during_probation_serves_last_known_good(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    """Fails on the old code: the unproven version was active and came back as serving."""
+    with device(tmp_path, keys, runtime) as d:
+        d.deploy(tiny_int8_model, "1")
+        deploy_killed_at(d, tiny_int8_model, "2", "probation")
+        assert d.worker.serving_version() == "2"  # it was on trial when the agent died
+    # The restart, and one more: the candidate (think: it kills the process on real
+    # frames) is never served again, so the device cannot crash-loop on it.
+    for _ in range(2):
+        with device(tmp_path, keys, runtime) as d:
+            (s,) = d.lifecycle.model_states()
+            assert (s.active, s.last_known_good, s.status) == ("1", "1", "serving")
+            assert (s.message or "").startswith(
+                "probation_failed: version 2: agent restarted during probation"
+            ), s.message
+            assert d.worker.serving_version() == "1"
+            assert {r.version for r in d.results.wait_for(5)} == {"1"}
+            rec = d.lifecycle.store.record("digits")
+            assert (rec.trial, rec.failed, s.versions) == (None, ["2"], ["1", "2"])
+            assert rec.failure == {
+                "version": "2",
+                "code": "probation_failed",
+                "message": "agent restarted during probation",
+                "rolled_back_to": "1",
+            }
+            assert d.lifecycle.last_failure("digits") == rec.failure
+    # A rollback without a target never picks the failed version...
+    with device(tmp_path, keys, runtime) as d:
+        with pytest.raises(CommandFailed) as info:
+            d.lifecycle.rollback("digits", None, d.progress)
+        assert info.value.code == ReplyCode.NOT_FOUND
+        # ...an explicit one does: the operator vouches for it.
+        assert d.lifecycle.rollback("digits", "2", d.progress)["version"] == "2"
+        assert d.state() == ("2", "2", "serving")
+        assert d.lifecycle.store.record("digits").failed == []
+
+
+def test_a_restart_during_the_first_probation_leaves_no_model(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        deploy_killed_at(d, tiny_int8_model, "1", "probation")
+    with device(tmp_path, keys, runtime) as d:
+        (s,) = d.lifecycle.model_states()
+        assert (s.active, s.status) == (None, "degraded")
+        assert "agent restarted during probation" in (s.message or "")
+        assert d.worker.serving_version() is None
+        # A new version is the way forward.
+        d.deploy(tiny_int8_model, "2")
+        assert d.state() == ("2", "2", "serving")
+
+
+@pytest.mark.parametrize("stage", ["validating", "swapping"])
+def test_a_deploy_killed_before_its_swap_leaves_nothing(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path, stage: str
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        d.deploy(tiny_int8_model, "1")
+        deploy_killed_at(d, tiny_int8_model, "2", stage)
+    with device(tmp_path, keys, runtime) as d:
+        assert d.state() == ("1", "1", "serving")
+        assert d.lifecycle.store.versions("digits") == ["1"]
+        assert not (d.state_dir / "models/digits/2").exists()
+        # So the operator's retry is a plain deploy again.
+        d.deploy(tiny_int8_model, "2")
+        assert d.state() == ("2", "2", "serving")
+
+
+def test_deploys_do_not_go_back(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        d.deploy(tiny_int8_model, "1")
+        d.deploy(tiny_int8_model, "2")
+        # A replay of version 1's signed deploy: stored here, not active.
+        with pytest.raises(CommandFailed) as info:
+            d.deploy(tiny_int8_model, "1")
+        assert info.value.code == ReplyCode.DOWNGRADE
+        assert "rollback" in info.value.message
+        # A version the device has never seen, but built before the active one.
+        old = manifest_for(tiny_int8_model, version="0", created_at="2026-01-01T00:00:00Z")
+        with pytest.raises(CommandFailed) as info:
+            d.lifecycle.deploy(
+                old, mf.sign_manifest(old, keys.private), tiny_int8_model, None, d.progress
+            )
+        assert info.value.code == ReplyCode.DOWNGRADE
+        assert "created at 2026-01-01T00:00:00Z, before version 2" in info.value.message
+        assert d.state() == ("2", "2", "serving") and d.worker.serving_version() == "2"
+        assert d.lifecycle.store.versions("digits") == ["1", "2"]
+        # The active version again is unchanged, a newer one goes ahead, rollback goes back.
+        assert d.deploy(tiny_int8_model, "2")["unchanged"] is True
+        newer = manifest_for(tiny_int8_model, version="3", created_at="2026-12-01T00:00:00Z")
+        d.lifecycle.deploy(
+            newer, mf.sign_manifest(newer, keys.private), tiny_int8_model, None, d.progress
+        )
+        assert d.state() == ("3", "3", "serving")
+        assert d.lifecycle.rollback("digits", "1", d.progress)["version"] == "1"
+        assert d.worker.serving_version() == "1"
+
+
+def test_a_stop_during_probation_leaves_the_trial_to_the_next_start(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    with device(tmp_path, keys, runtime) as d:
+        d.deploy(tiny_int8_model, "1")
+    slow = ProbationConfig(duration_s=600, min_inferences=5, max_latency_ratio=2.0)
+    with device(tmp_path, keys, runtime, probation=slow) as d:
+        outcome: list[BaseException] = []
+
+        def second() -> None:
+            try:
+                d.deploy(tiny_int8_model, "2")
+            except CommandFailed as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=second)
+        worker.start()
+        while "probation" not in d.stages:
+            threading.Event().wait(0.02)
+        d.lifecycle.stop()  # what the agent does on SIGTERM
+        worker.join(30)
+        assert not worker.is_alive()
+        (failed,) = outcome
+        assert isinstance(failed, CommandFailed)
+        assert failed.code == ReplyCode.PROBATION_FAILED
+        assert "stopped during probation" in failed.message
+        # No swap back during the stop; the store still has it on trial.
+        assert d.worker.serving_version() == "2"
+        assert d.lifecycle.store.record("digits").trial == "2"
+    with device(tmp_path, keys, runtime) as d:
+        assert d.state() == ("1", "1", "serving")
+        assert d.worker.serving_version() == "1"

@@ -3,12 +3,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from agent.models import manifest as mf
-from agent.models.store import ModelStore, StoreError
+from agent.models.store import ModelRecord, ModelStore, StoreError
 from agent.protocol import ReplyCode
 from tests.lifecycle_support import Keys, make_bundle, make_keys, manifest_for
 
@@ -308,3 +309,105 @@ def test_unsigned_bundles_when_signatures_are_not_required(
     store.open()
     data = manifest_for(tiny_int8_model)
     assert store.install(data, None, tiny_int8_model).version == "1"
+
+
+class DiskThatStalls:
+    """A write function that blocks (like a slow SD card) on the writes ``which`` picks."""
+
+    def __init__(self, which: str) -> None:
+        self.which = which
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        is_state = data.startswith(b'{\n  "models"')
+        if (self.which == "state") == is_state and not self.release.is_set():
+            self.stalled.set()
+            self.release.wait(60)
+        return os.write(fd, data)
+
+
+@pytest.mark.parametrize("which", ["model", "state"])
+def test_readers_never_wait_for_the_disk(
+    tmp_path: Path, keys: Keys, tiny_int8_model: Path, which: str
+) -> None:
+    """Fails on the old code: install held the store's lock while it copied and hashed
+    (and while it wrote the state file), so ``record()`` (asked by the MQTT thread for
+    the model states) waited on the disk."""
+    disk = DiskThatStalls(which)
+    store = new_store(tmp_path, keys, write=disk)
+    b1 = make_bundle(tmp_path / "v1", tiny_int8_model, keys)
+    b2 = make_bundle(tmp_path / "v2", tiny_int8_model, keys, version="2")
+    disk.release.set()
+    store.install(b1.manifest_data, b1.signature, b1.model_path)
+    store.set_active("digits", "1")
+    disk.release.clear()
+    installer = threading.Thread(
+        target=store.install, args=(b2.manifest_data, b2.signature, b2.model_path)
+    )
+    installer.start()
+    try:
+        assert disk.stalled.wait(30), "the install never reached the disk"
+        answers: list[object] = []
+        reader = threading.Thread(
+            target=lambda: answers.extend([store.record("digits"), store.names()])
+        )
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive(), "a reader waited for the install's disk I/O"
+        # Until the install is durable the readers see the state before it.
+        rec = answers[0]
+        assert isinstance(rec, ModelRecord)
+        assert (rec.active, rec.installed) == ("1", ["1"])
+    finally:
+        disk.release.set()
+        installer.join(30)
+    assert store.versions("digits") == ["1", "2"]
+    assert leftovers(store) == []
+
+
+def test_reads_state_files_written_before_the_trial_keys(
+    tmp_path: Path, keys: Keys, tiny_int8_model: Path
+) -> None:
+    store = new_store(tmp_path, keys)
+    b = make_bundle(tmp_path / "v1", tiny_int8_model, keys)
+    store.install(b.manifest_data, b.signature, b.model_path)
+    old = {"active": "1", "last_known_good": "1", "previous": None, "installed": ["1"]}
+    (store.root / "state.json").write_text(json.dumps({"models": {"digits": old}}))
+    rec = new_store(tmp_path, keys).record("digits")
+    assert (rec.active, rec.last_known_good, rec.installed) == ("1", "1", ["1"])
+    assert (rec.trial, rec.failed, rec.failure) == (None, [], None)
+
+
+def test_trial_is_recorded_with_the_install_and_ends_with_good_or_failed(
+    tmp_path: Path, keys: Keys, tiny_int8_model: Path
+) -> None:
+    store = new_store(tmp_path, keys)
+    for v in ("1", "2"):
+        b = make_bundle(tmp_path / v, tiny_int8_model, keys, version=v)
+        store.install(b.manifest_data, b.signature, b.model_path, trial=True)
+        assert new_store(tmp_path, keys).record("digits").trial == v  # durable at once
+        store.set_active("digits", v)
+        if v == "1":
+            store.mark_good("digits", "1")
+            assert store.record("digits").trial is None
+    note = {"version": "2", "code": "probation_failed", "message": "x", "rolled_back_to": "1"}
+    store.fail_trial("digits", "2", note, active="1")
+    rec = new_store(tmp_path, keys).record("digits")
+    assert (rec.active, rec.trial, rec.failed, rec.failure) == ("1", None, ["2"], note)
+    assert rec.installed == ["1", "2"]
+
+
+def test_a_state_naming_a_version_that_never_arrived(
+    tmp_path: Path, keys: Keys, tiny_int8_model: Path
+) -> None:
+    """The state is written before the rename: a crash between them names a missing one."""
+    store = new_store(tmp_path, keys)
+    b = make_bundle(tmp_path / "v1", tiny_int8_model, keys)
+    store.install(b.manifest_data, b.signature, b.model_path)
+    store.set_active("digits", "1")
+    data = json.loads((store.root / "state.json").read_text())
+    data["models"]["digits"].update(installed=["1", "2"], trial="2")
+    (store.root / "state.json").write_text(json.dumps(data))
+    rec = new_store(tmp_path, keys).record("digits")
+    assert (rec.active, rec.installed, rec.trial) == ("1", ["1"], None)

@@ -20,6 +20,18 @@ Decisions:
 - At start-up the active version must pass the sha256 check and validation; then the
   last-known-good one, then any other stored version, newest first. When none does,
   the pipelines run without that model and ``model_states`` says why.
+- A version is on trial from its install until it passes probation, and the store
+  records it. It becomes active before its swap, so a crash at any point after (a
+  model that kills the process on real frames, a power cut) finds it active and on
+  trial at the next start: it is marked failed (``probation_failed``, "agent
+  restarted during probation") and last-known-good serves; it is never picked by
+  start-up, rollback-after-probation or a rollback without a target again, so the
+  device cannot crash-loop on it. A deploy that died before its swap is undone (the
+  version is removed), so its retry is a plain deploy.
+- A deploy only moves forward (``_refuse_downgrade``): a version stored here already,
+  or one whose manifest is older than the active version's, is refused with
+  ``downgrade``. Going back is the ``rollback`` command's job, so a replayed old
+  signed deploy cannot take a device back.
 """
 
 from __future__ import annotations
@@ -30,13 +42,20 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from agent.config import AgentConfig, ProbationConfig
-from agent.models.manifest import ManifestError, load_public_key, parse_manifest
+from agent.models.manifest import Manifest, ManifestError, load_public_key, parse_manifest
 from agent.models.serving import ModelServer, ServingStats, SwapDone
-from agent.models.store import ModelStore, StoredVersion, StoreError, check_component
+from agent.models.store import (
+    ModelRecord,
+    ModelStore,
+    StoredVersion,
+    StoreError,
+    check_component,
+)
 from agent.models.validate import Requirements, ValidationFailed, Validator, check_fit
 from agent.protocol import CommandFailed, ModelState, Progress, ReplyCode
 
@@ -48,6 +67,7 @@ Status = Literal["serving", "probation", "degraded", "absent"]
 
 
 LATENCY_FLOOR_MS = 1.0
+RESTARTED_DURING_PROBATION = "agent restarted during probation"
 
 
 class _SwapFailed(Exception):
@@ -58,6 +78,23 @@ class _SwapFailed(Exception):
 class _ModelStatus:
     status: Status
     message: str | None = None
+
+
+def created_time(manifest: Manifest) -> datetime | None:
+    """The manifest's ``created_at`` as an aware time (naive means UTC); None if unreadable."""
+    try:
+        at = datetime.fromisoformat(manifest.created_at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
+
+
+def _failure_text(rec: ModelRecord) -> str | None:
+    """``<code>: version <v>: <why>`` of the last failed trial, while it is still news."""
+    note = rec.failure
+    if not note or note.get("version") not in rec.failed:
+        return None
+    return f"{note.get('code', '')}: version {note['version']}: {note.get('message', '')}"
 
 
 def _no_progress(stage: str, percent: float | None) -> None:
@@ -158,6 +195,11 @@ class ModelLifecycle:
             )
         return states
 
+    def last_failure(self, name: str) -> dict[str, str] | None:
+        """The last failed trial of ``name`` (version, code, message, rolled_back_to),
+        until a version passes; for the final reply to a deploy a restart interrupted."""
+        return self.store.record(name).failure
+
     # ------------------------------------------------------------------ start-up
 
     def start(self) -> None:
@@ -179,9 +221,12 @@ class ModelLifecycle:
     def _recover(self, name: str) -> None:
         rec = self.store.record(name)
         servers = [s for s in self.servers if s.model_name == name]
+        unproven = self._unproven_trial(name, rec)
+        if unproven is not None:
+            rec = self.store.record(name)
         candidates: list[str] = []
         for v in [rec.active, rec.last_known_good, *reversed(rec.installed)]:
-            if v is not None and v not in candidates:
+            if v is not None and v not in candidates and v != unproven and v not in rec.failed:
                 candidates.append(v)
         failures: list[str] = []
         for version in candidates:
@@ -194,27 +239,77 @@ class ModelLifecycle:
                 failures.append(f"{version}: {reason}")
                 logger.warning("model %s version %s cannot serve: %s", name, version, reason)
                 continue
-            if version != rec.active:
+            kind = "last-known-good" if version == rec.last_known_good else "stored"
+            if unproven is not None:
+                self._fail_unproven(name, unproven, version)
+                self._set_status(
+                    name,
+                    "degraded" if failures else "serving",
+                    f"{_failure_text(self.store.record(name))}; serving {kind} version {version}"
+                    + (f" ({'; '.join(failures)})" if failures else ""),
+                )
+            elif version != rec.active:
                 self.store.set_active(name, version)
-                kind = "last-known-good" if version == rec.last_known_good else "stored"
                 self._set_status(
                     name,
                     "degraded",
                     f"active version {rec.active} failed ({'; '.join(failures)}); "
                     f"serving {kind} version {version}",
                 )
+            elif (failed := _failure_text(rec)) is not None:
+                # Still true after any number of restarts, until a version passes.
+                self._set_status(name, "serving", f"{failed}; serving {kind} version {version}")
             else:
                 self._set_status(name, "serving")
             logger.info("model %s: serving version %s", name, version)
             return
-        if rec.active is not None:
+        if unproven is not None:
+            self._fail_unproven(name, unproven, None)
+            rec = self.store.record(name)
+        elif rec.active is not None:
             self.store.set_active(name, None)
-        if failures:
-            message = f"no valid version ({'; '.join(failures)}); running without model {name}"
+        failed = _failure_text(rec)
+        if failed is not None or failures:
+            head = f"{failed}; " if failed is not None else ""
+            detail = f"no valid version ({'; '.join(failures)})" if failures else "no other version"
+            message = f"{head}{detail}; running without model {name}"
             self._set_status(name, "degraded", message)
             logger.error("model %s: %s", name, message)
         else:
             self._set_status(name, "absent", f"no version of model {name} is stored")
+
+    def _unproven_trial(self, name: str, rec: ModelRecord) -> str | None:
+        """The version that was on probation when the agent died, if any; drops a
+        version whose deploy died before its swap (it never served, like a rejected one)."""
+        trial = rec.trial
+        if trial is None:
+            return None
+        if trial == rec.last_known_good:  # passed probation once already: proven
+            return None
+        if trial == rec.active:
+            logger.error(
+                "model %s version %s was on probation when the agent stopped; "
+                "it is not served again",
+                name,
+                trial,
+            )
+            return trial
+        logger.warning(
+            "model %s: the deploy of version %s was interrupted before its swap; removing it",
+            name,
+            trial,
+        )
+        self._remove_quietly(name, trial)
+        return None
+
+    def _fail_unproven(self, name: str, version: str, serving: str | None) -> None:
+        note = {
+            "version": version,
+            "code": ReplyCode.PROBATION_FAILED.value,
+            "message": RESTARTED_DURING_PROBATION,
+            "rolled_back_to": serving or "",
+        }
+        self.store.fail_trial(name, version, note, active=serving)
 
     # ------------------------------------------------------------------ deploy
 
@@ -230,7 +325,8 @@ class ModelLifecycle:
         before = self.store.record(name)
         progress("installing", None)
         try:
-            stored = self.store.install(manifest, signature, model_file)
+            self._refuse_downgrade(self.store.check_manifest(manifest, signature), before)
+            stored = self.store.install(manifest, signature, model_file, trial=True)
         except StoreError as exc:
             raise CommandFailed(exc.code, exc.message) from None
         version = stored.version
@@ -238,31 +334,49 @@ class ModelLifecycle:
         pipelines = [s.pipeline for s in servers]
         if previous == version and all(s.serving_version() == version for s in servers):
             return {"model": name, "version": version, "previous": previous, "unchanged": True}
-
-        progress("validating", None)
+        fresh = version not in before.installed
         try:
-            self._validate(stored, servers, use_current=True)
-        except ValidationFailed as exc:
-            if version not in before.installed:
+            progress("validating", None)
+            try:
+                self._validate(stored, servers, use_current=True)
+            except ValidationFailed as exc:
+                raise CommandFailed(exc.code, f"{name} {version}: {exc.message}") from None
+
+            baseline = {s.pipeline: self._stats_of(s, previous) for s in servers}
+            progress("swapping", None)
+            # Active (and still on trial) before the first frame reaches it: a crash from
+            # here on finds it on trial at the restart and does not serve it again.
+            try:
+                self.store.set_active(name, version)
+            except StoreError as exc:
+                raise CommandFailed(exc.code, exc.message) from None
+            try:
+                self._swap_all(servers, version, stored.model_path)
+            except _SwapFailed as exc:
+                self._restore(name, servers, previous)
+                self._reactivate_quietly(name, previous)
+                raise CommandFailed(
+                    ReplyCode.VALIDATION_FAILED, f"{name} {version}: {exc}"
+                ) from None
+        except BaseException:
+            # It never served: like a rejected version, it is not kept (unless it was
+            # stored before this deploy).
+            if fresh:
                 self._remove_quietly(name, version)
-            raise CommandFailed(exc.code, f"{name} {version}: {exc.message}") from None
-
-        baseline = {s.pipeline: self._stats_of(s, previous) for s in servers}
-        progress("swapping", None)
-        try:
-            self._swap_all(servers, version, stored.model_path)
-        except _SwapFailed as exc:
-            self._restore(name, servers, previous)
-            raise CommandFailed(ReplyCode.VALIDATION_FAILED, f"{name} {version}: {exc}") from None
-        try:
-            self.store.set_active(name, version)
-        except StoreError as exc:
-            self._restore(name, servers, previous)
-            raise CommandFailed(exc.code, exc.message) from None
+            raise
         self._set_status(name, "probation", f"version {version} on probation")
 
         progress("probation", None)
         problem, figures = self._probation(servers, version, baseline)
+        if problem is not None and self._stop.is_set():
+            # No swap while the agent stops: the version stays on trial in the store,
+            # and the next start puts last-known-good back, as after a crash.
+            raise CommandFailed(
+                ReplyCode.PROBATION_FAILED,
+                f"{name} {version}: the agent stopped during probation; the next start "
+                "serves the last-known-good version",
+                {"model": name, "version": version},
+            )
         if problem is not None:
             target = self._rollback_after_probation(name, version, servers, problem)
             raise CommandFailed(
@@ -284,6 +398,41 @@ class ModelLifecycle:
             "pipelines": pipelines,
             "probation": figures,
         }
+
+    def _refuse_downgrade(self, manifest: Manifest, rec: ModelRecord) -> None:
+        """A deploy only moves a model forward; going back is the ``rollback`` command's job.
+
+        Refused (``downgrade``) unless it names the active version: a version stored
+        here already (it served, or failed, before), or one whose manifest was created
+        before the active version's (the last-known-good one's when none is active).
+        So a replayed old signed deploy cannot silently take a device back.
+        """
+        name, version = manifest.name, manifest.version
+        if version == rec.active:
+            return
+        hint = "use the rollback command to go back to an older version"
+        if version in rec.installed:
+            what = "failed probation here" if version in rec.failed else "is stored here already"
+            raise CommandFailed(
+                ReplyCode.DOWNGRADE,
+                f"{name} {version} {what} and is not the active version "
+                f"({rec.active or 'none'}); a deploy does not bring it back: {hint} "
+                f"(rollback --to {version})",
+            )
+        reference = rec.active or rec.last_known_good
+        if reference is None:
+            return
+        try:
+            current = self.store.get(name, reference).manifest
+        except StoreError:
+            return  # an unreadable version is no reference; recovery deals with it
+        new_at, current_at = created_time(manifest), created_time(current)
+        if new_at is not None and current_at is not None and new_at < current_at:
+            raise CommandFailed(
+                ReplyCode.DOWNGRADE,
+                f"{name} {version} was created at {manifest.created_at}, before version "
+                f"{reference} on this device ({current.created_at}); {hint}",
+            )
 
     def _probation(
         self,
@@ -351,7 +500,12 @@ class ModelLifecycle:
     ) -> str | None:
         rec = self.store.record(name)
         candidates = [rec.last_known_good] if rec.last_known_good not in (None, failed) else []
-        candidates += [v for v in reversed(rec.installed) if v not in (failed, *candidates)]
+        candidates += [
+            v
+            for v in reversed(rec.installed)
+            if v not in (failed, *candidates) and v not in rec.failed
+        ]
+        note = {"version": failed, "code": ReplyCode.PROBATION_FAILED.value, "message": problem}
         for version in candidates:
             assert version is not None
             try:
@@ -359,7 +513,9 @@ class ModelLifecycle:
                 if version != rec.last_known_good:
                     self._validate(stored, servers, use_current=False)
                 self._swap_all(servers, version, stored.model_path)
-                self.store.set_active(name, version)
+                self.store.fail_trial(
+                    name, failed, {**note, "rolled_back_to": version}, active=version
+                )
             except (StoreError, ValidationFailed, _SwapFailed) as exc:
                 logger.warning("model %s: cannot roll back to %s: %s", name, version, exc)
                 continue
@@ -376,7 +532,7 @@ class ModelLifecycle:
             return version
         try:
             self._swap_all(servers, None, None)
-            self.store.set_active(name, None)
+            self.store.fail_trial(name, failed, {**note, "rolled_back_to": ""}, active=None)
         except (StoreError, _SwapFailed) as exc:
             logger.error("model %s: cannot unload %s: %s", name, failed, exc)
         self._set_status(
@@ -399,7 +555,10 @@ class ModelLifecycle:
                 (
                     v
                     for v in (rec.previous, rec.last_known_good)
-                    if v is not None and v != rec.active and v in rec.installed
+                    if v is not None
+                    and v != rec.active
+                    and v in rec.installed
+                    and v not in rec.failed
                 ),
                 None,
             )
@@ -527,6 +686,12 @@ class ModelLifecycle:
     @staticmethod
     def _stats_of(server: ModelServer, version: str | None) -> ServingStats | None:
         return server.stats(version) if version is not None else None
+
+    def _reactivate_quietly(self, name: str, version: str | None) -> None:
+        try:
+            self.store.set_active(name, version)
+        except StoreError as exc:
+            logger.error("model %s: cannot record %s as active again: %s", name, version, exc)
 
     def _remove_quietly(self, name: str, version: str) -> None:
         try:
