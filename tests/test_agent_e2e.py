@@ -265,4 +265,12 @@ def test_sigterm_stops_within_10s_and_says_offline(setup: Setup) -> None:
     assert setup.agent.wait(15) == 0
     assert time.monotonic() - started < 10
     wait_for(lambda: not messages(setup, "state")[-1].online, what="online: false")
-    assert setup.collector.messages[-1].retain or not messages(setup, "state")[-1].online
+    # What a console connecting later sees: the broker's retained state says offline.
+    late = MessageCollector(setup.broker, ["edge/pi-e2e/state"])
+    try:
+        (retained,) = late.wait_for(1, timeout=15)
+    finally:
+        late.close()
+    assert retained.retain, "the device's last state is not retained"
+    state = State.model_validate_json(retained.payload)
+    assert state.device == "pi-e2e" and not state.online
