@@ -31,7 +31,7 @@ from agent.service import Agent
 from fleet.console import BrokerOptions, Console, ReplyEvent
 from fleet.signing import CommandSigner
 from tests.lifecycle_support import manifest_for
-from tests.mqtt_support import Broker
+from tests.mqtt_support import Broker, MessageCollector
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "signed"
@@ -47,14 +47,19 @@ def write_keys(directory: Path) -> tuple[Path, Path]:
 
 
 def agent_config(
-    workdir: Path, device: str, broker: Broker, model_pub: Path, cmd_pub: Path
+    workdir: Path,
+    device: str,
+    broker: Broker,
+    model_pub: Path,
+    cmd_pub: Path,
+    max_age_s: float = 120,
 ) -> Path:
     config = {
         "device": {"id": device, "groups": ["lab"]},
         "state_dir": str(workdir / device),
         "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX,
                  "require_signed_commands": True, "command_keys": [str(cmd_pub)],
-                 "command_max_age_s": 120},
+                 "command_max_age_s": max_age_s},
         "runtime": {"num_threads": 1},
         "models": {
             "trusted_keys": [str(model_pub)],
@@ -77,6 +82,7 @@ class Lab:
         self.workdir, self.broker, self.bundle, self.model_pub = workdir, broker, bundle, model_pub
         self.command_key = workdir / "commands" / "key.pem"
         self.other_key = workdir / "other" / "key.pem"
+        self.command_pub = workdir / "commands" / "key.pub"
         self.agents: dict[str, Agent] = {}
 
     def fleet(self, *args: str) -> tuple[int, dict[str, Any]]:
@@ -318,3 +324,54 @@ def test_a_command_sent_again_is_signed_afresh_and_answered_as_a_duplicate(
     reply = final_reply(console, "sig-a", command.id)
     assert reply.code.value == "duplicate", reply
     assert reply.data is not None and reply.data["original"]["status"] == "done"
+
+
+def test_a_device_offline_longer_than_the_signature_window_still_gets_the_command(
+    lab: Lab, console: Console
+) -> None:
+    # The broker keeps the command for the offline device, but the device refuses that
+    # copy as stale; edge-fleet sends it again, signed anew, and the device runs it.
+    max_age_s = 2.0
+    config = agent_config(
+        lab.workdir, "sig-c", lab.broker, lab.model_pub, lab.command_pub, max_age_s
+    )
+    first = Agent(LiveConfig.load(config))
+    first.start()
+    assert first.link.connected
+    first.stop()  # offline; its persistent session keeps collecting commands
+    seen = MessageCollector(lab.broker, [f"{PREFIX}/sig-c/cmd", f"{PREFIX}/sig-c/reply"])
+    fleet = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "ping", "--device", "sig-c", "--timeout", "90",
+         "--command-key", str(lab.command_key), "--broker",
+         f"{lab.broker.host}:{lab.broker.port}", "--prefix", PREFIX, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))},
+    )  # fmt: skip
+    again: Agent | None = None
+    try:
+        (queued,) = seen.wait_for(1, timeout=60, topic=f"{PREFIX}/sig-c/cmd")
+        signed_at = json.loads(queued.payload)["auth"]["ts"]
+        # Until the queued copy is older than the device accepts (a clock condition).
+        while time.time() < signed_at + max_age_s + 0.5:
+            time.sleep(0.1)
+        again = Agent(LiveConfig.load(config))
+        again.start()
+        out, err = fleet.communicate(timeout=120)
+    finally:
+        if fleet.poll() is None:
+            fleet.kill()
+        if again is not None:
+            again.stop()
+        seen.close()
+    assert fleet.returncode == 0, (out, err)
+    (device,) = json.loads(out.strip().splitlines()[-1])["devices"]
+    assert device["status"] == "done", device
+    replies = [
+        Reply.model_validate_json(m.payload)
+        for m in seen.messages
+        if m.topic == f"{PREFIX}/sig-c/reply"
+    ]
+    refused = [r for r in replies if r.status == "failed"]
+    assert refused and refused[0].code.value == "bad_signature", replies
+    assert "allowed: 2s" in refused[0].message
+    assert [r.status for r in replies if r.status == "done"] == ["done"]
