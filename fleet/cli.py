@@ -45,12 +45,14 @@ from .rollout import (
     resolve_targets,
 )
 from .serve import DEFAULT_CHUNK_SIZE, offer_artifact, parse_bind
+from .signing import CommandSigner
 
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "EDGE_FLEET_PASSWORD"
 USERNAME_ENV = "EDGE_FLEET_USERNAME"
 BROKER_ENV = "EDGE_FLEET_BROKER"
+COMMAND_KEY_ENV = "EDGE_FLEET_COMMAND_KEY"
 
 
 class UsageError(Exception):
@@ -102,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"file holding the broker password (or set env {PASSWORD_ENV})",
     )
     b.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="S")
+    common.add_argument(
+        "--command-key",
+        type=Path,
+        default=os.environ.get(COMMAND_KEY_ENV) or None,
+        metavar="KEY",
+        help="Ed25519 private key (PEM) that signs every command, for devices with "
+        f"mqtt.require_signed_commands (env {COMMAND_KEY_ENV})",
+    )
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
 
@@ -258,9 +268,19 @@ def broker_options(args: argparse.Namespace) -> BrokerOptions:
         raise UsageError(str(exc)) from None
 
 
-def _console(args: argparse.Namespace, results: bool = False) -> Console:
+def command_signer(args: argparse.Namespace) -> CommandSigner | None:
+    if args.command_key is None:
+        return None
     try:
-        console = Console(broker_options(args), results=results)
+        return CommandSigner.from_file(Path(args.command_key))
+    except BundleError as exc:
+        raise UsageError(f"--command-key: {exc}") from None
+
+
+def _console(args: argparse.Namespace, results: bool = False) -> Console:
+    signer = command_signer(args)
+    try:
+        console = Console(broker_options(args), results=results, signer=signer)
     except ValueError as exc:  # a bad --prefix
         raise UsageError(str(exc)) from None
     console.connect(args.connect_timeout)

@@ -36,6 +36,8 @@ from agent.protocol import (
     format_validation_error,
 )
 
+from .signing import CommandSigner
+
 log = logging.getLogger(__name__)
 
 
@@ -136,8 +138,17 @@ class _Subscriptions:
 class Console:
     """An MQTT 5 client that watches the fleet and sends commands."""
 
-    def __init__(self, options: BrokerOptions, *, results: bool = False) -> None:
+    def __init__(
+        self,
+        options: BrokerOptions,
+        *,
+        results: bool = False,
+        signer: CommandSigner | None = None,
+    ) -> None:
         self.options = options
+        # Signs every command this console sends (devices that require signed commands
+        # refuse the rest); a fleet server sends through a Console and signs the same way.
+        self.signer = signer
         self.topics = Topics(options.prefix)
         self.events: queue.Queue[Event] = queue.Queue()
         self._results = results
@@ -259,8 +270,15 @@ class Console:
 
     def send_many(self, commands: Iterable[tuple[str, Command]], timeout: float = 30.0) -> None:
         """Publish commands to many devices at once, then wait for every ack."""
-        messages = [(self.topics.cmd(d), c.to_bytes()) for d, c in commands]
+        messages = [(self.topics.cmd(d), self.command_payload(d, c)) for d, c in commands]
         self.publish_many(messages, timeout=timeout)
+
+    def command_payload(self, device: str, command: Command) -> bytes:
+        """The bytes sent to ``device`` for ``command``: signed for that one device when
+        the console has a signer, so a copy published elsewhere is refused there."""
+        if self.signer is None:
+            return command.to_bytes()
+        return self.signer.payload(f"device/{device}", command)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, timeout: float = 10.0) -> None:
         self.publish_many([(topic, payload)], qos=qos, timeout=timeout)

@@ -131,6 +131,10 @@ class DeviceProgress:
     data: dict[str, object] | None = None
     sent_at: float | None = None
     finished_at: float | None = None
+    # Sent while the device was offline: the broker holds a copy for it.
+    queued: bool = False
+    # That copy was refused as badly signed and the command was sent again, signed anew.
+    signed_again: bool = False
 
     @property
     def final(self) -> bool:
@@ -290,6 +294,7 @@ class CommandRun:
                 p.sent_at = now
         self.sender.send_many([(p.device, self._commands[p.device]) for p in wave])
         for p in wave:
+            p.queued = p.queued or not p.online
             # An offline device gets it from its persistent session when it reconnects.
             if p.online:
                 self._set(p, "sent", "")
@@ -318,6 +323,8 @@ class CommandRun:
             p = self._by_id.get(r.id)
             if p is None or p.device != event.device:
                 return
+            if self._queued_copy_refused(p, r.status, r.code):
+                return
             if apply_reply(
                 p, r.status, r.code.value, r.message, r.stage, r.percent, r.data, self.clock()
             ):
@@ -334,6 +341,22 @@ class CommandRun:
                 log.info("%s is back online: sending %s again", p.device, p.command_id)
                 self._send([p])
                 self._set(p, "sent", "back online")
+
+    def _queued_copy_refused(self, p: DeviceProgress, status: str, code: ReplyCode) -> bool:
+        """A device back from offline reads the broker's queued copy first. A device that
+        requires signed commands refuses that copy once it is older than its
+        ``mqtt.command_max_age_s``, though the command has not expired: send it once more,
+        signed now (the console signs at each send), instead of counting a failure. A
+        refusal for any other cause is refused again and then counts."""
+        if status != "failed" or code != ReplyCode.BAD_SIGNATURE:
+            return False
+        if not p.queued or p.signed_again or p.final:
+            return False
+        p.signed_again = True
+        log.info("%s refused the queued copy of %s: sending it again", p.device, p.command_id)
+        self._send([p])
+        self._set(p, "sent", "sent again, signed anew: the device refused the queued copy")
+        return True
 
     def _set(self, p: DeviceProgress, status: str, message: str) -> None:
         if status in FINAL and p.finished_at is None:

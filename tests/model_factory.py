@@ -51,3 +51,44 @@ def build_tiny_classifier(
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
     return dest
+
+
+def build_slow_classifier(
+    dest: Path, *, input_shape: tuple[int, ...] = (8, 8, 1), classes: int = 10, layers: int = 8
+) -> Path:
+    """The tiny classifier's inputs and outputs (full-integer int8) behind ``layers``
+    wide convolutions: a real model that does the same job many times slower."""
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(1)
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input(input_shape),
+            # 8x8 -> 64x64: the input stays the tiny model's, the work grows 64 times.
+            tf.keras.layers.UpSampling2D(8),
+            *[
+                tf.keras.layers.Conv2D(128, 3, padding="same", activation="relu")
+                for _ in range(layers)
+            ],
+            tf.keras.layers.MaxPooling2D(8),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(classes),
+        ]
+    )
+    rng = np.random.default_rng(1)
+
+    def representative():  # type: ignore[no-untyped-def]
+        for _ in range(16):
+            yield [rng.random((1, *input_shape), dtype=np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    with contextlib.redirect_stdout(io.StringIO()):
+        data = converter.convert()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data)
+    return dest

@@ -52,30 +52,67 @@ def convert_args(digits: ExampleFiles, out: Path, *extra: object) -> list[object
     ]
 
 
+@pytest.fixture(scope="module")
+def blank_calib(digits: ExampleFiles, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wrong calibration set: the digits' shape, but every image a flat grey (a
+    camera pointed at a wall). The activation ranges it gives cut real digits off."""
+    x = np.load(digits.calib)["x"]
+    path = tmp_path_factory.mktemp("calib") / "blank.npz"
+    np.savez(path, x=np.full_like(x, 128.0))
+    return path
+
+
+def wrong_calib_args(digits: ExampleFiles, out: Path, calib: Path, *extra: object) -> list[object]:
+    args = convert_args(digits, out, "--val", digits.val, *extra)
+    args[args.index("--calib") + 1] = calib
+    return args
+
+
 def test_accuracy_gate_fails_with_exit_3_and_publishes_nothing(
-    digits: ExampleFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    digits: ExampleFiles,
+    blank_calib: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "bundle"
-    # A negative allowance cannot be met by a drop of zero: the gate must fire.
-    code, stdout, err = run_cli(
-        capsys, *convert_args(digits, out, "--val", digits.val, "--max-drop", "-0.5", "--json")
-    )
-    assert code == 3
+    # The default gate (--max-drop 0.01) against a model that really lost accuracy.
+    code, stdout, err = run_cli(capsys, *wrong_calib_args(digits, out, blank_calib, "--json"))
+    assert code == 3, err
     assert stdout == ""
-    assert len(err) == 1 and "exceeds --max-drop -50.00" in err[0]
+    assert len(err) == 1 and "exceeds --max-drop 1.00" in err[0], err
     assert "no bundle published" in err[0]
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_wrong_calibration_really_costs_accuracy(
+    digits: ExampleFiles,
+    blank_calib: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Allowed a large drop, the same conversion publishes and records what it lost:
+    # the gate above refused a measured drop, not a conversion failure.
+    out = tmp_path / "bundle"
+    code, stdout, err = run_cli(
+        capsys, *wrong_calib_args(digits, out, blank_calib, "--max-drop", "0.9", "--json")
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["accuracy_drop"] > 0.05, summary
+    metrics = read_bundle(out).manifest.metrics
+    assert metrics is not None and metrics.accuracy_drop is not None
+    assert metrics.accuracy_drop > 0.05
+
+
 def test_gate_failure_leaves_an_existing_bundle_untouched(
-    digits: ExampleFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    digits: ExampleFiles,
+    blank_calib: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = build_digits_bundle(tmp_path / "bundle", version="1")
     before = (out / "manifest.json").read_bytes()
-    code, _, _ = run_cli(
-        capsys,
-        *convert_args(digits, out, "--val", digits.val, "--version", "2", "--max-drop", "-0.5"),
-    )
+    code, _, _ = run_cli(capsys, *wrong_calib_args(digits, out, blank_calib, "--version", "2"))
     assert code == 3
     assert (out / "manifest.json").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]

@@ -220,3 +220,34 @@ def test_devices_that_never_answer_time_out() -> None:
     assert by["a"].status == "done"
     assert by["away"].status == "timeout" and "while pending" in by["away"].message
     assert report.exit_code == EXIT_TIMEOUT
+
+
+STALE = [("failed", ReplyCode.BAD_SIGNATURE, "command was signed -400s from now; allowed: 300s")]
+
+
+def test_a_refused_queued_copy_is_sent_once_more_then_counts() -> None:
+    # Sent while offline: the first answer is the refusal of the broker's stale copy;
+    # the command goes out once more (signed anew by the console) and then succeeds.
+    sender = ScriptedSender({})
+    run = make_run(sender, [[Target("away", False, True)]])
+    sender.answers["away"] = STALE
+    original_send = sender.send
+
+    def refuse_then_obey(device: str, command: Command, timeout: float = 10.0) -> None:
+        original_send(device, command, timeout)
+        sender.answers["away"] = OK
+
+    sender.send = refuse_then_obey  # type: ignore[method-assign]
+    report = run.run()
+    assert report.result == "ok", report.devices
+    assert [d for d, _ in sender.sent] == ["away", "away"]
+
+
+def test_a_bad_signature_is_final_for_an_online_device_and_the_second_time() -> None:
+    sender = ScriptedSender({"a": STALE, "away": STALE})
+    report = make_run(sender, [[*online("a"), Target("away", False, True)]]).run()
+    by = {d.device: d for d in report.devices}
+    assert (by["a"].status, by["a"].code) == ("failed", "bad_signature")
+    assert (by["away"].status, by["away"].code) == ("failed", "bad_signature")
+    assert [d for d, _ in sender.sent].count("a") == 1
+    assert [d for d, _ in sender.sent].count("away") == 2

@@ -36,6 +36,7 @@ from tests.lifecycle_support import (
     manifest_for,
     running_worker,
 )
+from tests.model_factory import build_slow_classifier
 
 FAST_PROBATION = ProbationConfig(duration_s=0.3, min_inferences=5, max_latency_ratio=2.0)
 
@@ -380,6 +381,40 @@ def test_pipeline_argument_is_checked(
             d.deploy(tiny_int8_model, "1", name="other", pipeline="cam")
         assert info.value.code == ReplyCode.INCOMPATIBLE
         assert d.deploy(tiny_int8_model, "1", pipeline="cam")["pipelines"] == ["cam"]
+
+
+# ------------------------------------------------------------------- latency rule
+
+
+@pytest.fixture(scope="module")
+def slow_int8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_int8_model's inputs and outputs, about a thousand times the work."""
+    return build_slow_classifier(tmp_path_factory.mktemp("m") / "slow.tflite")
+
+
+def test_a_really_slower_model_fails_probation_on_a_real_worker_and_is_rolled_back(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path, slow_int8_model: Path
+) -> None:
+    probation = ProbationConfig(duration_s=1.0, min_inferences=5, max_latency_ratio=2.0)
+    with device(tmp_path, keys, runtime, probation=probation) as d:
+        d.deploy(tiny_int8_model, "1")
+        fast = d.worker.stats("1")
+        assert fast is not None and fast.p95_ms is not None
+        with pytest.raises(CommandFailed) as info:
+            d.deploy(slow_int8_model, "2")
+        assert info.value.code == ReplyCode.PROBATION_FAILED, info.value.message
+        assert "p95 invoke latency" in info.value.message
+        assert "over 2x the previous version's" in info.value.message
+        assert "rolled back to 1" in info.value.message
+        assert d.worker.serving_version() == "1"
+        assert d.state() == ("1", "1", "serving")
+        slow = d.worker.stats("2")
+        assert slow is not None and slow.p95_ms is not None and slow.errors == 0
+        assert slow.p95_ms > 2 * fast.p95_ms
+        # Served again after the rollback: the results after it are version 1's.
+        served = len(d.results.snapshot())
+        d.results.wait_for(served + 10)
+        assert {r.version for r in d.results.snapshot()[served:]} == {"1"}
 
 
 # ------------------------------------------------------- latency rule (unit, fake server)

@@ -45,16 +45,45 @@ def test_loads_and_invokes_an_int8_model(name: str, tiny_int8_model: Path) -> No
     assert loaded.interpreter.get_tensor(out.index).shape == (1, 10)
 
 
+def int8_outputs(model: Path, runtime: str, x: np.ndarray) -> np.ndarray:
+    m = rt.load_model(model.read_bytes(), runtime=runtime)
+    m.interpreter.set_tensor(m.inputs[0].index, x)
+    m.interpreter.invoke()
+    return np.asarray(m.interpreter.get_tensor(m.outputs[0].index)).astype(int)
+
+
+def test_runtimes_agree_on_the_same_model(tiny_int8_model: Path) -> None:
+    # The two device runtimes against each other, on inputs that spread over the range.
+    assert len(DEVICE_RUNTIMES) == 2
+    rng = np.random.default_rng(1)
+    for _ in range(8):
+        x = rng.integers(-128, 127, (1, 8, 8, 1), dtype=np.int8)
+        litert, tflite = (int8_outputs(tiny_int8_model, r, x) for r in DEVICE_RUNTIMES)
+        assert np.abs(litert - tflite).max() <= 1, (litert, tflite)
+
+
 @pytest.mark.parametrize("name", DEVICE_RUNTIMES)
-def test_runtimes_agree_on_the_same_model(name: str, tiny_int8_model: Path) -> None:
-    x = np.random.default_rng(1).integers(-128, 127, (1, 8, 8, 1), dtype=np.int8)
-    outputs = []
-    for runtime in ("ai_edge_litert", name):
-        m = rt.load_model(tiny_int8_model.read_bytes(), runtime=runtime)
-        m.interpreter.set_tensor(m.inputs[0].index, x)
-        m.interpreter.invoke()
-        outputs.append(m.interpreter.get_tensor(m.outputs[0].index).astype(int))
-    assert np.abs(outputs[0] - outputs[1]).max() <= 1
+def test_runtime_int8_output_follows_the_float_model(
+    name: str, tiny_int8_model: Path, tiny_float_model: Path
+) -> None:
+    # The reference is the float32 model with the same weights (same seed), run by
+    # TensorFlow's own interpreter: neither device runtime judges itself.
+    q = rt.load_model(tiny_int8_model.read_bytes(), runtime=name)
+    f = rt.load_model(tiny_float_model.read_bytes(), runtime="tensorflow")
+    qin, qout = q.inputs[0], q.outputs[0]
+    rng = np.random.default_rng(2)
+    worst = 0.0
+    for _ in range(8):
+        x = rng.random((1, 8, 8, 1), dtype=np.float32)  # the calibration range
+        q.interpreter.set_tensor(qin.index, qin.quantize(x))
+        q.interpreter.invoke()
+        got = qout.dequantize(q.interpreter.get_tensor(qout.index))
+        f.interpreter.set_tensor(f.inputs[0].index, x)
+        f.interpreter.invoke()
+        want = f.interpreter.get_tensor(f.outputs[0].index)
+        worst = max(worst, float(np.abs(got - want).max()))
+    # Rounding of the input, weights and output: a few output steps at most.
+    assert worst <= 4 * qout.scale, f"{name}: off by {worst} ({worst / qout.scale:.1f} steps)"
 
 
 @pytest.mark.parametrize("name", DEVICE_RUNTIMES)
