@@ -26,9 +26,11 @@ Figures (summed over the scenarios):
   drain of up to 20 s, less the drops the agent counts (``dropped.telemetry`` +
   ``dropped.results`` from ``status``, else telemetry's ``outbox_dropped``). Results
   still in the agent's memory at a SIGKILL have no seq yet and are not seen here.
-- ``uncounted_drops``: the agent's own books after the drain: ``next_seq`` -
-  ``published`` - dropped - ``depth`` (the smallest of three ``status`` samples, so
-  a batch caught between seq and insert does not count).
+- ``uncounted_drops``: the agent's own books, ``next_seq`` - ``published`` - dropped -
+  ``depth`` from ``status``, after the drain and again after a stop and start (which
+  counts the queue from disk, so messages the running agent believes queued but
+  never stored show); the larger of the two, each the smallest of three samples so
+  that a batch caught between seq and insert does not count.
 - ``thread_deaths``: "Exception in thread" in the agent's log, or what its telemetry
   or state reports, whichever is larger.
 - ``unanswered_commands``: commands that never got a final reply: each interrupted
@@ -40,6 +42,8 @@ Figures (summed over the scenarios):
   once the restarted agent serves.
 - ``sigterm_s_max``: SIGTERM to process exit (capped; ``exited: false`` when the cap hit).
 - ``fuzz_payloads``, ``rss_growth_mb_fuzz`` (VmRSS after the fuzz and ping minus before).
+- ``failed_health_commands``: a ``ping`` that was answered, but not ``done`` (the ping
+  while the disk is full, the ping after the fuzz).
 
 A scenario that breaks records ``error`` in its entry and the totals say
 ``complete: false``. Every agent, broker and temp dir is removed at the end.
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
@@ -136,7 +141,10 @@ class Lab:
         self.agents.append(agent)
         return device, agent, state
 
-    def start_serving(self, device: str, agent: AgentProcess, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    def start_serving(
+        self, device: str, agent: AgentProcess, env: dict[str, str] | None = None
+    ) -> float:
+        """Start the agent; returns once it serves (raises after START_TIMEOUT_S)."""
         since = time.time()
         agent.start(env)
         if not wait_until(serving(self.obs, device, since), START_TIMEOUT_S):
@@ -195,9 +203,12 @@ def _dropped_with_seq(outbox: dict[str, Any]) -> int:
 
 
 def _imbalance(outbox: dict[str, Any]) -> int:
-    return int(outbox["next_seq"]) - int(outbox.get("published", 0)) - _dropped_with_seq(
-        outbox
-    ) - int(outbox.get("depth", 0))
+    return (
+        int(outbox["next_seq"])
+        - int(outbox.get("published", 0))
+        - _dropped_with_seq(outbox)
+        - int(outbox.get("depth", 0))
+    )
 
 
 def _reported_deaths(node: Any, inside_threads: bool = False) -> int:
@@ -244,8 +255,11 @@ def account(lab: Lab, device: str, agent: AgentProcess) -> dict[str, Any]:
         dropped = int(tel.get("outbox_dropped", 0))
         uncounted = None
     received = len(obs.seqs(device))
-    deaths_log = thread_deaths_in_log(agent.log_text())
     deaths_reported = _reported_deaths(tel) + _reported_deaths(obs.last_state(device) or {})
+    # The books again after a restart: a restart counts the queue from disk, so messages
+    # the running agent believes queued but never stored show up as unaccounted.
+    after_restart = books_after_restart(lab, device, agent)
+    counts = [u for u in (uncounted, after_restart) if u is not None]
     return {
         "cutoff_seq": cutoff,
         "cutoff_from": source,
@@ -254,10 +268,22 @@ def account(lab: Lab, device: str, agent: AgentProcess) -> dict[str, Any]:
         "dropped_counted": dropped,
         "telemetry_outbox_dropped": tel.get("outbox_dropped"),
         "lost": max(0, missing - dropped),
-        "uncounted_drops": uncounted,
+        "uncounted_drops": max(counts) if counts else None,
+        "uncounted_live": uncounted,
+        "uncounted_after_restart": after_restart,
         "outbox_after_drain": samples[-1] if samples else None,
-        "thread_deaths": max(deaths_log, deaths_reported),
+        "thread_deaths": max(thread_deaths_in_log(agent.log_text()), deaths_reported),
     }
+
+
+def books_after_restart(lab: Lab, device: str, agent: AgentProcess) -> int | None:
+    """Stop (SIGTERM, else SIGKILL after 15 s), start, and read the outbox's books."""
+    agent.terminate()
+    if agent.wait(15) is None:
+        agent.kill()
+    lab.start_serving(device, agent)
+    samples = [o for o in (_outbox(lab.obs.ask(device, "status", 10)) for _ in range(3)) if o]
+    return min(max(0, _imbalance(o)) for o in samples) if samples else None
 
 
 def leftovers(state_dir: Path) -> list[str]:
@@ -306,7 +332,7 @@ def agent_kill(lab: Lab) -> dict[str, Any]:
     return out
 
 
-def deploy_kill(lab: Lab, stage: str) -> dict[str, Any]:
+def deploy_kill(lab: Lab, *, stage: str) -> dict[str, Any]:
     device, agent, state = lab.device(f"kill-{stage}")
     lab.start_serving(device, agent, {"EDGE_AGENT_KILL_AT": STAGES[stage]})
     via = "mqtt" if stage == "receiving" else "http"
@@ -386,13 +412,11 @@ def disk_full(lab: Lab) -> dict[str, Any]:
     agent: AgentProcess | None = None
     try:
         if mounted:
-            device, agent, state = lab.device("disk-full", state_dir=mount / "state")
+            device, agent, _state = lab.device("disk-full", state_dir=mount / "state")
         else:
             # No tmpfs here: the closest real limit is the outbox's own bound.
             out["note"] = "mount -t tmpfs failed; outbox.max_messages 200 stands in for the disk"
-            device, agent, state = lab.device(
-                "disk-full", extra={"outbox": {"max_messages": 200}}
-            )
+            device, agent, _state = lab.device("disk-full", extra={"outbox": {"max_messages": 200}})
         lab.start_serving(device, agent)
         time.sleep(1.0)
         lab.broker.kill()
@@ -409,6 +433,7 @@ def disk_full(lab: Lab) -> dict[str, Any]:
         ping = lab.obs.ask(device, "ping", 15)
         out["ping_while_full"] = (ping or {}).get("code")
         unanswered = int(ping is None)
+        out["failed_health_commands"] = int(ping is not None and ping.get("status") != "done")
         if filler is not None:
             filler.unlink()
         out["agent_alive_after_full"] = agent.alive
@@ -447,6 +472,8 @@ def fuzz_payloads(n: int, seed: int, manifest: dict[str, Any]) -> list[bytes]:
         None, True, -1, 0, 2**63, 10**400, 1e308, -1e308, "", "x" * 5000, [], {}, [[[]]],
         "\ud800", "a\nb", "../../etc", "#", "+/+", {"$ref": "#"}, "é" * 1000,
     ]  # fmt: skip
+    fields = ["op", "expires_at", "issued_at", "auth", "manifest", "artifact", "changes"]
+    surrogate_key = {"id": "s-1", "op": "config", "changes": {"telemetry.interval_s\ud800": 5}}
     sent: list[bytes] = []
 
     def command() -> dict[str, Any]:
@@ -464,14 +491,13 @@ def fuzz_payloads(n: int, seed: int, manifest: dict[str, Any]) -> list[bytes]:
         lambda: b"[" * rng.choice((100, 1000, 2000, 50_000)),
         lambda: b'{"a":' * rng.choice((100, 1000, 5000)) + b"1" + b"}" * 10,
         lambda: dumps({**command(), "changes": {"x": json.loads("[" * 50 + "]" * 50)}}),
-        lambda: b'{"id":"h-%d","op":"ping","issued_at":%s}'
-        % (rng.randrange(10**6), b"9" * rng.choice((400, 5000))),
+        lambda: (
+            b'{"id":"h-%d","op":"ping","issued_at":%s}'
+            % (rng.randrange(10**6), b"9" * rng.choice((400, 5000)))
+        ),
         lambda: dumps({**command(), "id": rng.choice(junk)}),
-        lambda: dumps({**command(), rng.choice(["op", "expires_at", "issued_at", "auth",
-                                                "manifest", "artifact", "changes"]):
-                       rng.choice(junk)}),  # fmt: skip
-        lambda: dumps({"id": f"s-{rng.randrange(10**6)}", "op": "config",
-                       "changes": {"telemetry.interval_s\ud800": 5}}),  # fmt: skip
+        lambda: dumps({**command(), rng.choice(fields): rng.choice(junk)}),
+        lambda: dumps(surrogate_key),
         lambda: dumps({"id": "x" * rng.choice((65, 1000, 100_000)), "op": "ping"}),
         lambda: rng.choice(sent) if sent else dumps(command()),
         lambda: rng.choice([b"null", b"[]", b'"ping"', b"1e999", b"\xed\xa0\x80", b"{}"]),
@@ -508,6 +534,7 @@ def fuzz(lab: Lab) -> dict[str, Any]:
         "publish_s": round(publish_s, 2),
         "ping_after_fuzz": (ping or {}).get("code"),
         "unanswered_commands": int(ping is None),
+        "failed_health_commands": int(ping is not None and ping.get("status") != "done"),
         "agent_alive": agent.alive,
         "results_since_fuzz_start": results_during,
         "rss_before_mb": round(rss_before, 1) if rss_before else None,
@@ -526,9 +553,7 @@ def sigterm_download(lab: Lab) -> dict[str, Any]:
     lab.start_serving(device, agent)
     command_id, _ = lab.deploy_v2(device, "http", stall=True)
     downloading = wait_until(
-        lambda: any(
-            r.get("stage") == "downloading" for r in lab.obs.replies(device, command_id)
-        ),
+        lambda: any(r.get("stage") == "downloading" for r in lab.obs.replies(device, command_id)),
         30,
     )
     time.sleep(1.0)  # well inside the stalled read
@@ -553,9 +578,7 @@ def sigterm_download(lab: Lab) -> dict[str, Any]:
     lab.start_serving(device, agent)
     final = lab.obs.wait_final(device, command_id, 15)
     time.sleep(1.0)
-    out["final_reply"] = (
-        {k: final.get(k) for k in ("status", "code", "message")} if final else None
-    )
+    out["final_reply"] = {k: final.get(k) for k in ("status", "code", "message")} if final else None
     out["unanswered_commands"] = int(final is None)
     out["active_after_restart"] = model_state(lab.obs.last_state(device, restart)).get("active")
     out["leftovers_after_restart"] = leftovers(state)
@@ -569,7 +592,7 @@ def sigterm_download(lab: Lab) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[Lab], dict[str, Any]]] = {
     "broker_kill": broker_kill,
     "agent_kill": agent_kill,
-    **{f"deploy_kill_{s}": (lambda lab, s=s: deploy_kill(lab, s)) for s in STAGES},  # type: ignore[misc]
+    **{f"deploy_kill_{stage}": functools.partial(deploy_kill, stage=stage) for stage in STAGES},
     "disk_full": disk_full,
     "fuzz": fuzz,
     "sigterm_download": sigterm_download,
@@ -627,6 +650,8 @@ def run(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
         "thread_deaths": _total(scenarios, "thread_deaths"),
         "unanswered_commands": _total(scenarios, "unanswered_commands"),
         "unproven_active_after_crash": _total(scenarios, "unproven_active_after_crash"),
+        # ping/status answered, but failed (e.g. `internal` while the disk is full)
+        "failed_health_commands": _total(scenarios, "failed_health_commands"),
         "leftover_files": _total(scenarios, "leftover_files"),
         "sigterm_s_max": sigterm.get("sigterm_s"),
         "fuzz_payloads": fuzzed.get("fuzz_payloads", 0),
