@@ -482,7 +482,8 @@ class ArtifactHttp:
 
 
 class NotifySocket:
-    """systemd's side of sd_notify: a datagram socket that records when each line came."""
+    """systemd's side of sd_notify: a datagram socket that records when (Unix time) each
+    line came."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -502,7 +503,7 @@ class NotifySocket:
                 continue
             except OSError:
                 return
-            now = time.monotonic()
+            now = time.time()
             for line in data.decode(errors="replace").splitlines():
                 self.received.append((now, line))
 

@@ -497,7 +497,7 @@ def fuzz_payloads(n: int, seed: int, manifest: dict[str, Any]) -> list[bytes]:
         ),
         lambda: dumps({**command(), "id": rng.choice(junk)}),
         lambda: dumps({**command(), rng.choice(fields): rng.choice(junk)}),
-        lambda: dumps(surrogate_key),
+        lambda: dumps({**surrogate_key, "id": f"s-{rng.randrange(10**6)}"}),
         lambda: dumps({"id": "x" * rng.choice((65, 1000, 100_000)), "op": "ping"}),
         lambda: rng.choice(sent) if sent else dumps(command()),
         lambda: rng.choice([b"null", b"[]", b'"ping"', b"1e999", b"\xed\xa0\x80", b"{}"]),
@@ -515,6 +515,9 @@ def fuzz(lab: Lab) -> dict[str, Any]:
     device, agent, _state = lab.device("fuzz")
     lab.start_serving(device, agent)
     time.sleep(3.0)
+    # The same wait without fuzz first: how much RSS moves on its own while serving.
+    rss_idle = agent.rss_mb()
+    time.sleep(5.0)
     rss_before = agent.rss_mb()
     n = 300 if lab.quick else 1000
     payloads = fuzz_payloads(n, 14, lab.v2.manifest_data)
@@ -537,6 +540,9 @@ def fuzz(lab: Lab) -> dict[str, Any]:
         "failed_health_commands": int(ping is not None and ping.get("status") != "done"),
         "agent_alive": agent.alive,
         "results_since_fuzz_start": results_during,
+        "rss_drift_mb_5s_without_fuzz": round(rss_before - rss_idle, 1)
+        if rss_before and rss_idle
+        else None,
         "rss_before_mb": round(rss_before, 1) if rss_before else None,
         "rss_after_mb": round(rss_after, 1) if rss_after else None,
         "rss_growth_mb_fuzz": round(rss_after - rss_before, 1)
