@@ -374,6 +374,13 @@ class State(Message):
         default_factory=list,
         description="Config keys changed in the file (SIGHUP) that take effect at the next restart",
     )
+    thread_deaths: int = Field(
+        default=0, description="Agent threads that died unexpectedly since the agent started"
+    )
+    threads_down: list[str] = Field(
+        default_factory=list,
+        description="Agent threads dead or stuck now (the watchdog is not pinged meanwhile)",
+    )
     since: float = Field(description="Unix time the agent started")
     ts: float
 
@@ -420,6 +427,8 @@ class Telemetry(Message):
     disk_free_mb: float | None = None
     outbox_depth: int = 0
     outbox_dropped: int = 0
+    thread_deaths: int = Field(default=0, description="as in State")
+    threads_down: list[str] = Field(default_factory=list, description="as in State")
     pipelines: dict[str, PipelineTelemetry] = Field(default_factory=dict)
 
 

@@ -91,6 +91,7 @@ class Outbox:
         self._inflight: dict[int, _Inflight] = {}
         self._last_sent = 0
         self._db: sqlite3.Connection | None = None
+        self.heartbeat = time.monotonic()  # the outbox loop's, for the supervisor
 
     # ------------------------------------------------------------------- producers
 
@@ -137,6 +138,10 @@ class Outbox:
             raise RuntimeError(f"outbox {self.path}: cannot open: {self._open_error}")
         self._link.add_connect_listener(lambda: self._intake.put(("connected",)))
 
+    def thread(self) -> threading.Thread | None:
+        """The outbox thread while it should be running (for the supervisor)."""
+        return None if self._stop.is_set() else self._thread
+
     def stop(self, timeout: float = 10.0) -> None:
         """Write every handed-over message to disk, then close."""
         thread = self._thread
@@ -178,6 +183,7 @@ class Outbox:
         next_age_check = 0.0
         try:
             while True:
+                self.heartbeat = time.monotonic()
                 stopping = self._stop.is_set()
                 try:
                     self._drain_intake(block=not stopping)

@@ -1,0 +1,255 @@
+"""Every agent thread is supervised: a thread killed by an exception its loop does not
+catch is restarted (commands, worker, capture, results, HTTP) or ends the agent with a
+non-zero status (outbox, MQTT link), and either way it is logged and counted.
+
+A real agent in this process: a real broker, a real converter-built model on a real
+runtime, a synthetic camera. ``serve()`` (the main loop without the signal handlers)
+runs on a thread of the test's own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.live import LiveConfig
+from agent.models.manifest import read_bundle
+from agent.models.store import ModelStore
+from agent.service import Agent
+from agent.threads import EXIT_THREAD_DIED
+from tests.converter_support import build_digits_bundle
+from tests.mqtt_support import Broker, MessageCollector, free_port, publish
+
+DEVICE = "pi-supervised"
+PREFIX = "supervise-test"
+
+
+class ThreadKill(BaseException):
+    """Raised past every ``except Exception`` in a loop: it ends the thread."""
+
+
+def raise_once(real: Callable[..., Any], exc: BaseException) -> Callable[..., Any]:
+    fired: list[bool] = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not fired:
+            fired.append(True)
+            raise exc
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_digits_bundle(tmp_path_factory.mktemp("bundle") / "digits-1", "1")
+
+
+@contextmanager
+def serving_agent(tmp_path: Path, broker: Broker, bundle: Path) -> Iterator[Served]:
+    data = read_bundle(bundle)
+    store = ModelStore(tmp_path / "state", require_signature=False)
+    store.open()
+    store.install(data.manifest_data, None, data.model_path)
+    store.set_active("digits", "1")
+    config = {
+        "device": {"id": DEVICE},
+        "state_dir": str(tmp_path / "state"),
+        "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX},
+        "models": {"require_signature": False},
+        "http": {"enabled": True, "port": free_port()},
+        "pipelines": [
+            {"name": "cam", "model": "digits", "queue": "fifo",
+             "source": {"type": "synthetic", "kind": "digits", "width": 32, "height": 32,
+                        "channels": 1, "fps": 50}},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    agent = Agent(LiveConfig.load(path))
+    agent.start()
+    served = Served(agent, broker)
+    try:
+        yield served
+    finally:
+        agent.stop_event.set()
+        served.thread.join(10)
+        agent.stop()
+        served.replies.close()
+
+
+class Served:
+    def __init__(self, agent: Agent, broker: Broker) -> None:
+        self.agent = agent
+        self.code: int | None = None
+        self.replies = MessageCollector(broker, f"{PREFIX}/{DEVICE}/reply")
+        self.broker = broker
+        self.thread = threading.Thread(target=self._serve, name="test-serve", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.code = self.agent.serve()
+
+    def ping(self, timeout: float = 20.0) -> bool:
+        """True when a ping sent now gets its ``done`` reply."""
+        command_id = f"ping-{uuid.uuid4().hex[:8]}"
+        payload = json.dumps({"id": command_id, "op": "ping"}).encode()
+        publish(self.broker, f"{PREFIX}/{DEVICE}/cmd", payload)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in list(self.replies.messages):
+                reply = json.loads(m.payload)
+                if reply["id"] == command_id and reply["status"] == "done":
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def results_grow(self, timeout: float = 30.0) -> bool:
+        pipeline = self.agent.pipelines["cam"]
+        mark = pipeline.results_out
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pipeline.results_out >= mark + 10:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def healthz(self) -> int:
+        assert self.agent.http is not None
+        url = f"http://127.0.0.1:{self.agent.http.port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def alive_named(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == name and t.is_alive()]
+
+
+def kill_commands(s: Served) -> None:
+    d = s.agent.dispatcher
+    d._handle = raise_once(d._handle, ThreadKill("commands"))  # type: ignore[method-assign]
+    s.ping(timeout=2)  # the message that ends the thread; not answered
+
+
+def kill_worker(s: Served) -> None:
+    w = s.agent.pipelines["cam"].worker
+    w._switch_pending = raise_once(w._switch_pending, ThreadKill("worker"))  # type: ignore[method-assign]
+
+
+def kill_capture(s: Served) -> None:
+    source = s.agent.pipelines["cam"].source
+    source.read = raise_once(source.read, ThreadKill("capture"))  # type: ignore[method-assign]
+
+
+def kill_results(s: Served) -> None:
+    p = s.agent.pipelines["cam"]
+    p._on_result = raise_once(p._on_result, ThreadKill("results"))  # type: ignore[method-assign]
+
+
+def kill_http(s: Served) -> None:
+    assert s.agent.http is not None
+    server = s.agent.http._server
+    server.service_actions = raise_once(server.service_actions, ThreadKill("http"))  # type: ignore[method-assign]
+
+
+def works_commands(s: Served) -> bool:
+    return s.ping()
+
+
+def works_pipeline(s: Served) -> bool:
+    return s.results_grow()
+
+
+def works_http(s: Served) -> bool:
+    return s.healthz() == 200
+
+
+RESTARTED = {
+    "commands": (kill_commands, works_commands),
+    "worker-cam": (kill_worker, works_pipeline),
+    "capture-cam": (kill_capture, works_pipeline),
+    "results-cam": (kill_results, works_pipeline),
+    "http-api": (kill_http, works_http),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESTARTED))
+def test_a_killed_thread_is_restarted_logged_and_counted(
+    name: str, tmp_path: Path, broker: Broker, bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kill, works = RESTARTED[name]
+    caplog.set_level(logging.ERROR, logger="agent.threads")
+    with serving_agent(tmp_path, broker, bundle) as s:
+        agent = s.agent
+        wait_for(lambda: agent.pipelines["cam"].results_out > 0, 60, "first results")
+        assert works(s), f"{name}: not working before the kill"
+        [before] = alive_named(name)
+        kill(s)
+        wait_for(lambda: agent.supervisor.deaths == 1, 30, f"the death of {name}")
+        wait_for(lambda: any(t is not before for t in alive_named(name)), 10, "a new thread")
+        assert not before.is_alive()
+        assert len(alive_named(name)) == 1
+        assert works(s), f"{name}: not working after the restart"
+        # Logged with the traceback, counted in state and telemetry, and the agent serves on.
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert f"thread {name} died; restarting it" in logged
+        assert f"ThreadKill: {name.split('-')[0]}" in logged
+        assert agent.state().thread_deaths == 1
+        assert agent.build_telemetry().thread_deaths == 1
+        assert agent.state().threads_down == []
+        assert s.thread.is_alive() and s.code is None
+
+
+def kill_outbox(s: Served) -> None:
+    o = s.agent.outbox
+    o._drain_intake = raise_once(o._drain_intake, ThreadKill("outbox"))  # type: ignore[method-assign]
+
+
+def kill_link(s: Served) -> None:
+    loop = s.agent.link._loop
+    assert loop is not None
+    loop.once = raise_once(loop.once, RuntimeError("a paho bug"))  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(("name", "kill"), [("outbox", kill_outbox), ("mqtt-link", kill_link)])
+def test_a_killed_thread_that_cannot_restart_ends_the_agent_non_zero(
+    name: str,
+    kill: Callable[[Served], None],
+    tmp_path: Path,
+    broker: Broker,
+    bundle: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="agent")
+    with serving_agent(tmp_path, broker, bundle) as s:
+        wait_for(lambda: s.agent.link.connected, 30, "the link")
+        kill(s)
+        s.thread.join(30)
+        assert not s.thread.is_alive(), "serve() went on with a dead thread"
+        assert s.code == EXIT_THREAD_DIED
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert f"thread {name} died and it cannot be restarted" in logged
+        assert s.agent.supervisor.deaths == 1
+        assert s.agent.state().threads_down == [name]
