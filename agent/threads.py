@@ -46,10 +46,11 @@ EXIT_THREAD_DIED = 70
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
 
-#: Syscalls the agent makes on purpose, for the unit's SystemCallFilter (a test reads
-#: the unit against this list): per-thread niceness, and prctl, which the runtimes and
-#: the MemoryDenyWriteExecute probe use.
-SYSCALLS = ("setpriority", "getpriority", "prctl")
+#: Syscalls outside plain file, socket and thread work that the agent makes on purpose,
+#: for the unit's SystemCallFilter (tests/test_systemd.py reads the unit against it):
+#: per-thread niceness (getpriority, setpriority), the validation child's memory limit
+#: (setrlimit is prlimit64 in glibc), prctl (runtimes, MemoryDenyWriteExecute).
+SYSCALLS = ("getpriority", "setpriority", "prlimit64", "prctl")
 
 
 @dataclass
