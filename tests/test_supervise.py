@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import urllib.request
@@ -24,11 +25,13 @@ import pytest
 import yaml
 
 from agent.live import LiveConfig
+from agent.loops.pipeline import Pipeline
 from agent.models.manifest import read_bundle
 from agent.models.store import ModelStore
 from agent.service import Agent
-from agent.threads import EXIT_THREAD_DIED
+from agent.threads import EXIT_THREAD_DIED, Supervisor
 from tests.converter_support import build_digits_bundle
+from tests.link_support import make_config
 from tests.mqtt_support import Broker, MessageCollector, free_port, publish
 
 DEVICE = "pi-supervised"
@@ -253,3 +256,82 @@ def test_a_killed_thread_that_cannot_restart_ends_the_agent_non_zero(
         assert f"thread {name} died and it cannot be restarted" in logged
         assert s.agent.supervisor.deaths == 1
         assert s.agent.state().threads_down == [name]
+
+
+# ---------------------------------------------------------- restarting a hung source
+
+
+def test_restarting_a_hung_source_leaves_one_capture_thread(tmp_path: Path) -> None:
+    """A sensor replayed from a FIFO: when the writer goes quiet the read blocks, as a
+    hung driver's does. A restart must not start a second reader on the same source;
+    the new one starts once the old read returns."""
+    fifo = tmp_path / "sensor.fifo"
+    os.mkfifo(fifo)
+    config = make_config(
+        tmp_path / "state",
+        pipelines=[{"name": "vib", "model": "anomaly", "queue": "latest",
+                    "source": {"type": "sensor", "input": "file", "path": str(fifo),
+                               "window": 2}}],
+    )  # fmt: skip
+    pipeline = Pipeline(
+        config.pipelines[0],
+        device="pi-1",
+        manifests=lambda name, version: None,
+        publish=lambda result: None,
+        load=lambda path: None,  # type: ignore[arg-type,return-value]
+    )
+    supervisor = Supervisor(stale_after_s=3600)
+    supervisor.watch(*pipeline.watches())
+    pipeline.start()
+    writer = os.open(fifo, os.O_WRONLY)  # returns once the capture thread opened it
+    try:
+        os.write(writer, b"".join(b"%d,%d\n" % (i, i) for i in range(6)))
+        wait_for(lambda: pipeline.capture.frames >= 3, 20, "frames from the sensor")
+        [hung] = alive_named("capture-vib")
+        pipeline.restart_source()  # the old thread is stuck in its read: it stays
+        assert alive_named("capture-vib") == [hung]
+        pipeline.poll()
+        assert alive_named("capture-vib") == [hung]
+        assert supervisor.check().ok and supervisor.deaths == 0
+        # The read returns, the old thread sees its stop and ends; the new one takes over.
+        os.write(writer, b"6,6\n7,7\n")
+        wait_for(lambda: not hung.is_alive(), 20, "the hung reader to end")
+        pipeline.poll()
+        wait_for(lambda: pipeline.capture.state == "open", 20, "the new reader")
+        [new] = alive_named("capture-vib")
+        assert new is not hung
+        os.write(writer, b"".join(b"%d,%d\n" % (i, i) for i in range(8, 14)))
+        wait_for(lambda: pipeline.capture.frames >= 1, 20, "frames from the new reader")
+        assert len(alive_named("capture-vib")) == 1
+        assert supervisor.check().ok and supervisor.deaths == 0
+    finally:
+        pipeline.stop(2.0)
+        os.close(writer)
+
+
+# ------------------------------------------------------------- status and telemetry
+
+
+def test_the_status_command_leaves_the_telemetry_fps_window_alone(
+    tmp_path: Path, broker: Broker
+) -> None:
+    config = make_config(
+        tmp_path / "state",
+        broker,
+        pipelines=[{"name": "cam", "model": "digits",
+                    "source": {"type": "synthetic", "width": 8, "height": 8}}],
+    )  # fmt: skip
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(json.loads(config.model_dump_json())))
+    agent = Agent(LiveConfig.load(path))
+    agent.build()  # built, not started: the counters are the test's to set
+    agent.lifecycle.store.open()
+    pipeline = agent.pipelines["cam"]
+    start = time.monotonic()
+    assert pipeline.telemetry(start).fps == 0.0  # telemetry's window opens here
+    pipeline.results_out = 100
+    status = agent.control.status()
+    assert "cam" in status["pipelines"]
+    # 100 results in 10 s since telemetry last read: the status read in between
+    # (on its own window) does not restart telemetry's.
+    assert pipeline.telemetry(start + 10).fps == 10.0
