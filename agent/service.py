@@ -260,6 +260,7 @@ class Agent:
         self.supervisor.stale_after_s = self.stale_after_s
         next_watchdog = 0.0
         self._next_telemetry = time.monotonic() + self.config.telemetry.interval_s
+        reported = self.thread_report()
         while not self.stop_event.wait(TICK_S):
             now = time.monotonic()
             for p in self.pipelines.values():
@@ -268,6 +269,9 @@ class Agent:
             if health.fatal is not None:
                 logger.critical("ending the process: thread %s is dead", health.fatal)
                 return EXIT_THREAD_DIED
+            if self.thread_report() != reported:
+                reported = self.thread_report()
+                self._state_changed()  # the retained state tells the fleet at once
             if self._reload.is_set():
                 self._reload.clear()
                 self.notifier.reloading()
