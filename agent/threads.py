@@ -106,11 +106,9 @@ class Supervisor:
         self._max_restarts = max_restarts
         self._window_s = restart_window_s
         self._watches: list[Watch] = []
-        self._lock = threading.Lock()
-        self._tracebacks: dict[int, str] = {}
+        self._installed = False
         self._restarts: dict[str, list[float]] = {}
         self._stuck: set[str] = set()
-        self._previous_hook: Callable[[threading.ExceptHookArgs], object] | None = None
         self.deaths = 0
         self.stalls = 0
         self.health = ThreadHealth()
@@ -125,29 +123,16 @@ class Supervisor:
     # ---------------------------------------------------------------- excepthook
 
     def install(self) -> None:
-        if self._previous_hook is None:
-            self._previous_hook = threading.excepthook
-            threading.excepthook = self._excepthook
+        """Keep the tracebacks of this supervisor's threads (one hook per process, shared
+        by every agent in it: benchmarks run many)."""
+        if not self._installed:
+            _hook.acquire({w.name for w in self._watches})
+            self._installed = True
 
     def uninstall(self) -> None:
-        if self._previous_hook is not None:
-            if threading.excepthook == self._excepthook:
-                threading.excepthook = self._previous_hook
-            self._previous_hook = None
-
-    def _excepthook(self, args: threading.ExceptHookArgs) -> None:
-        # Must not raise: it runs as the thread dies.
-        with contextlib.suppress(Exception):
-            text = "".join(
-                traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
-            )
-            if args.thread is not None:
-                with self._lock:
-                    self._tracebacks[id(args.thread)] = text
-
-    def _traceback_of(self, thread: threading.Thread) -> str | None:
-        with self._lock:
-            return self._tracebacks.pop(id(thread), None)
+        if self._installed:
+            _hook.release()
+            self._installed = False
 
     # ---------------------------------------------------------------- checking
 
@@ -189,7 +174,7 @@ class Supervisor:
 
     def _died(self, w: Watch, thread: threading.Thread, now: float, health: ThreadHealth) -> None:
         self.deaths += 1
-        text = self._traceback_of(thread) or "(it returned without an exception)\n"
+        text = _hook.traceback_of(thread) or "(it returned without an exception)\n"
         recent = [t for t in self._restarts.get(w.name, []) if now - t < self._window_s]
         if w.restart is not None and len(recent) < self._max_restarts:
             logger.error("thread %s died; restarting it:\n%s", w.name, text.rstrip())
@@ -216,3 +201,59 @@ def stack_of(thread: threading.Thread) -> str:
     if frame is None:
         return "(no stack)"
     return "".join(traceback.format_stack(frame)).rstrip()
+
+
+class _ExceptHook:
+    """``threading.excepthook`` while any supervisor is installed: the traceback of a
+    watched thread is kept for its supervisor's report (which logs it once, with what
+    was done); any other thread's goes on to the hook that was there before."""
+
+    _KEPT = 64  # tracebacks nobody collected (a thread replaced before a check)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._names: set[str] = set()
+        self._previous: Callable[[threading.ExceptHookArgs], object] | None = None
+        self._tracebacks: dict[int, str] = {}
+
+    def acquire(self, names: set[str]) -> None:
+        with self._lock:
+            self._names |= names
+            self._users += 1
+            if self._users == 1:
+                self._previous = threading.excepthook
+                threading.excepthook = self._hook
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                if threading.excepthook == self._hook and self._previous is not None:
+                    threading.excepthook = self._previous
+                self._previous = None
+                self._names.clear()
+                self._tracebacks.clear()
+
+    def traceback_of(self, thread: threading.Thread) -> str | None:
+        with self._lock:
+            return self._tracebacks.pop(id(thread), None)
+
+    def _hook(self, args: threading.ExceptHookArgs) -> None:
+        # Runs as the thread dies: must not raise.
+        thread = args.thread
+        if thread is None or thread.name not in self._names:
+            previous = self._previous or threading.__excepthook__
+            previous(args)
+            return
+        with contextlib.suppress(Exception):
+            text = "".join(
+                traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
+            )
+            with self._lock:
+                self._tracebacks[id(thread)] = text
+                while len(self._tracebacks) > self._KEPT:
+                    del self._tracebacks[next(iter(self._tracebacks))]
+
+
+_hook = _ExceptHook()

@@ -29,7 +29,7 @@ from agent.loops.pipeline import Pipeline
 from agent.models.manifest import read_bundle
 from agent.models.store import ModelStore
 from agent.service import Agent
-from agent.threads import EXIT_THREAD_DIED, Supervisor
+from agent.threads import EXIT_THREAD_DIED, Supervisor, Watch
 from tests.converter_support import build_digits_bundle
 from tests.link_support import make_config
 from tests.mqtt_support import Broker, MessageCollector, free_port, publish
@@ -335,3 +335,112 @@ def test_the_status_command_leaves_the_telemetry_fps_window_alone(
     # 100 results in 10 s since telemetry last read: the status read in between
     # (on its own window) does not restart telemetry's.
     assert pipeline.telemetry(start + 10).fps == 10.0
+
+
+# ------------------------------------------------------------- the supervisor alone
+
+
+class Looping:
+    """A component with one loop thread that a test can kill, stall and restart."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.heartbeat = time.monotonic()
+        self.stall = threading.Event()
+        self.kill = threading.Event()
+        self.stop = threading.Event()
+        self.started = 0
+        self.thread_: threading.Thread | None = None
+        self.restart()
+
+    def restart(self) -> None:
+        self.started += 1
+        self.thread_ = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.thread_.start()
+
+    def thread(self) -> threading.Thread | None:
+        return None if self.stop.is_set() else self.thread_
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.01):
+            if self.kill.is_set():
+                self.kill.clear()
+                raise ThreadKill(self.name)
+            if not self.stall.is_set():
+                self.heartbeat = time.monotonic()
+
+
+def test_a_thread_that_keeps_dying_is_restarted_a_few_times_then_ends_the_agent() -> None:
+    loop = Looping("flaky")
+    sup = Supervisor(stale_after_s=60, max_restarts=2)
+    sup.watch(Watch("flaky", loop.thread, lambda: loop.heartbeat, loop.restart))
+    sup.install()
+    try:
+        for deaths in (1, 2, 3):
+            dying = loop.thread_
+            assert dying is not None
+            loop.kill.set()
+            dying.join(10)
+            health = sup.check()
+            assert sup.deaths == deaths
+            if deaths <= 2:
+                assert health.ok and loop.started == deaths + 1
+        assert health.fatal == "flaky" and health.dead == ["flaky"]
+        assert loop.started == 3  # not restarted a third time
+    finally:
+        loop.stop.set()
+        sup.uninstall()
+
+
+def test_a_stall_is_reported_once_and_clears(caplog: pytest.LogCaptureFixture) -> None:
+    loop = Looping("staller")
+    sup = Supervisor(stale_after_s=0.5)
+    sup.watch(Watch("staller", loop.thread, lambda: loop.heartbeat))
+    try:
+        assert sup.check().ok
+        loop.stall.set()
+        wait_for(lambda: sup.check().stuck == ["staller"], 10, "the stall")
+        assert sup.check().stuck == ["staller"]
+        assert sup.stalls == 1
+        assert "in _run" in caplog.text  # the report shows where the thread is
+        loop.stall.clear()
+        wait_for(lambda: sup.check().ok, 10, "progress again")
+        assert sup.stalls == 1 and sup.deaths == 0
+        # Stopped on purpose: not a death.
+        loop.stop.set()
+        assert loop.thread_ is not None
+        loop.thread_.join(10)
+        assert sup.check().ok and sup.deaths == 0
+    finally:
+        loop.stop.set()
+
+
+def test_the_hook_keeps_watched_tracebacks_and_passes_on_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[str] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: seen.append(args.thread.name if args.thread else "")
+    sup = Supervisor(stale_after_s=60)
+    loop = Looping("watched")
+    sup.watch(Watch("watched", loop.thread))
+    sup.install()
+    try:
+
+        def fail() -> None:
+            raise ValueError("not watched")
+
+        other = threading.Thread(target=fail, name="someone-else")
+        other.start()
+        other.join()
+        loop.kill.set()
+        assert loop.thread_ is not None
+        loop.thread_.join(10)
+        health = sup.check()
+        assert health.fatal == "watched"
+        assert "ThreadKill: watched" in caplog.text  # logged by the supervisor, with it
+        assert seen == ["someone-else"]
+    finally:
+        loop.stop.set()
+        sup.uninstall()
+        threading.excepthook = previous
