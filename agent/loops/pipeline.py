@@ -245,11 +245,16 @@ class Pipeline:
 
     def poll(self) -> None:
         """The service's tick: start a restarted source once its hung reader is gone."""
-        with self._capture_lock:
+        # Never waits: a restart holds the lock while it waits for the old thread.
+        if not self._capture_lock.acquire(blocking=False):
+            return
+        try:
             old = self._capture_after
             if old is not None and not old.alive:
                 self._capture_after = None
                 self.capture.start()
+        finally:
+            self._capture_lock.release()
 
     def watches(self) -> list[Watch]:
         """This pipeline's threads, for the supervisor."""
