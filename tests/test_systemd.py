@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -10,9 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
+from agent.models.store import ModelStore
 from agent.ops.sdnotify import Notifier, watchdog_interval_s
 from agent.threads import SYSCALLS
+from tests.lifecycle_support import manifest_for
+from tests.mqtt_support import Broker, MessageCollector
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd/edge-agent.service"
@@ -217,3 +223,84 @@ def test_the_group_table_matches_systemd_analyze() -> None:
     lines = filter_lines()
     refused = [s for s in SYSCALLS if not allowed_by(lines, lambda i: members.get(i, {i}), s)]
     assert refused == []
+
+
+STRACE = shutil.which("strace")
+# Made by libraries under the agent and refused by the unit on purpose (EPERM), with
+# why that is harmless.
+REFUSED_AND_HARMLESS = {
+    # OpenBLAS (numpy's) asks for NUMA placement of its buffers; it ignores a refusal.
+    "mbind": "@resources",
+}
+
+
+def ptrace_allowed() -> bool:
+    if STRACE is None:
+        return False
+    probe = subprocess.run([STRACE, "-f", "-qq", "-o", "/dev/null", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(
+    ANALYZE is None or not ptrace_allowed(), reason="needs systemd-analyze and strace"
+)
+def test_the_running_agent_makes_no_syscall_the_unit_refuses(
+    tmp_path: Path, broker: Broker, tiny_int8_model: Path
+) -> None:
+    """The whole agent under strace: start-up (with the validation child), serving a
+    model on a camera, publishing, stopping. Every syscall it made must pass the unit's
+    filter, read with systemd's own tables."""
+    store = ModelStore(tmp_path / "state", require_signature=False)
+    store.open()
+    store.install(manifest_for(tiny_int8_model, name="tiny"), None, tiny_int8_model)
+    store.set_active("tiny", "1")
+    config = {
+        "device": {"id": "pi-strace"},
+        "state_dir": str(tmp_path / "state"),
+        "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": "strace-test"},
+        "models": {"require_signature": False},
+        "pipelines": [
+            {"name": "cam", "model": "tiny", "queue": "fifo",
+             "source": {"type": "synthetic", "width": 8, "height": 8, "channels": 1,
+                        "fps": 20}},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    results = MessageCollector(broker, "strace-test/pi-strace/results/#")
+    summary = tmp_path / "strace.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen(
+        [STRACE or "strace", "-f", "-qq", "-c", "-o", str(summary),
+         sys.executable, "-m", "agent", "run", str(path)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        results.wait_for(5, timeout=120)
+    finally:
+        results.close()
+        # The agent is strace's child: it gets the SIGTERM, as under systemd.
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for child in children:
+            os.kill(int(child), signal.SIGTERM)
+        try:
+            _out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err[-2000:]
+    used = {
+        line.split()[-1]
+        for line in summary.read_text().splitlines()
+        if line.strip() and line.split()[-1].isidentifier()
+    } - {"syscall", "total"}
+    assert {"setpriority", "read", "write"} <= used  # the summary was read right
+    groups = {g for line in filter_lines() for g in line.lstrip("~").split() if g[0] == "@"}
+    members = {g: analyze_group(g) for g in groups}
+    lines = filter_lines()
+    refused = {s for s in used if not allowed_by(lines, lambda i: members.get(i, {i}), s)}
+    harmless = set(REFUSED_AND_HARMLESS)
+    if os.geteuid() == 0:
+        harmless.add("fchown")  # SQLite gives its WAL files the database's owner as root only
+    assert refused - harmless == set(), f"the unit refuses syscalls the agent made: {refused}"
