@@ -56,7 +56,7 @@ LINK_STALE_S = 120.0
 STOP_BUDGET_S = 8.0
 STOP_BACKSTOP_S = 9.0
 EXIT_STOP_OVERRAN = 71
-_STOP_CAPS_S = {"commands": 2.5, "pipelines": 2.0, "outbox": 2.0, "link": 1.5, "http": 1.0}
+_STOP_CAPS_S = {"commands": 2.5, "pipelines": 1.5, "outbox": 2.5, "link": 1.0, "http": 0.5}
 
 
 class Agent:
