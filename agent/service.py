@@ -5,7 +5,12 @@ Start order: pipelines (workers idle until a model arrives) -> model lifecycle
 (store, start-up recovery, swaps) -> outbox -> command plane -> MQTT link -> local
 API. READY=1 goes to systemd once the first connection has been attempted. Stop
 order is the reverse, so the current inference finishes, the outbox is persisted
-and ``online: false`` is the last thing the broker hears.
+and ``online: false`` is the last thing the broker hears; the whole stop fits in
+systemd's stop timeout (a backstop ends the process if a part overruns).
+
+The main loop also supervises every thread (``agent.threads.Supervisor``): a dead one
+is restarted or ends the process non-zero, and the watchdog is pinged only while no
+thread and no pipeline is stuck.
 """
 
 from __future__ import annotations

@@ -116,9 +116,9 @@ class Supervisor:
     def watch(self, *watches: Watch) -> None:
         self._watches.extend(watches)
 
-    @property
-    def names(self) -> list[str]:
-        return [w.name for w in self._watches]
+    def threads(self) -> dict[str, threading.Thread | None]:
+        """Each watched thread by name, as its component reports it now."""
+        return {w.name: w.thread() for w in self._watches}
 
     # ---------------------------------------------------------------- excepthook
 

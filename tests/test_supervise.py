@@ -208,12 +208,17 @@ def test_a_killed_thread_is_restarted_logged_and_counted(
         agent = s.agent
         wait_for(lambda: agent.pipelines["cam"].results_out > 0, 60, "first results")
         assert works(s), f"{name}: not working before the kill"
-        [before] = alive_named(name)
+        before = agent.supervisor.threads()[name]
+        assert before is not None and before.is_alive()
         kill(s)
         wait_for(lambda: agent.supervisor.deaths == 1, 30, f"the death of {name}")
-        wait_for(lambda: any(t is not before for t in alive_named(name)), 10, "a new thread")
+
+        def replaced() -> bool:
+            now = agent.supervisor.threads()[name]
+            return now is not None and now is not before and now.is_alive()
+
+        wait_for(replaced, 10, "a new thread")
         assert not before.is_alive()
-        assert len(alive_named(name)) == 1
         assert works(s), f"{name}: not working after the restart"
         # Logged with the traceback, counted in state and telemetry, and the agent serves on.
         logged = "\n".join(r.getMessage() for r in caplog.records)
@@ -269,7 +274,7 @@ def test_restarting_a_hung_source_leaves_one_capture_thread(tmp_path: Path) -> N
     os.mkfifo(fifo)
     config = make_config(
         tmp_path / "state",
-        pipelines=[{"name": "vib", "model": "anomaly", "queue": "latest",
+        pipelines=[{"name": "vib-restart", "model": "anomaly", "queue": "latest",
                     "source": {"type": "sensor", "input": "file", "path": str(fifo),
                                "window": 2}}],
     )  # fmt: skip
@@ -287,22 +292,22 @@ def test_restarting_a_hung_source_leaves_one_capture_thread(tmp_path: Path) -> N
     try:
         os.write(writer, b"".join(b"%d,%d\n" % (i, i) for i in range(6)))
         wait_for(lambda: pipeline.capture.frames >= 3, 20, "frames from the sensor")
-        [hung] = alive_named("capture-vib")
+        [hung] = alive_named("capture-vib-restart")
         pipeline.restart_source()  # the old thread is stuck in its read: it stays
-        assert alive_named("capture-vib") == [hung]
+        assert alive_named("capture-vib-restart") == [hung]
         pipeline.poll()
-        assert alive_named("capture-vib") == [hung]
+        assert alive_named("capture-vib-restart") == [hung]
         assert supervisor.check().ok and supervisor.deaths == 0
         # The read returns, the old thread sees its stop and ends; the new one takes over.
         os.write(writer, b"6,6\n7,7\n")
         wait_for(lambda: not hung.is_alive(), 20, "the hung reader to end")
         pipeline.poll()
         wait_for(lambda: pipeline.capture.state == "open", 20, "the new reader")
-        [new] = alive_named("capture-vib")
+        [new] = alive_named("capture-vib-restart")
         assert new is not hung
         os.write(writer, b"".join(b"%d,%d\n" % (i, i) for i in range(8, 14)))
         wait_for(lambda: pipeline.capture.frames >= 1, 20, "frames from the new reader")
-        assert len(alive_named("capture-vib")) == 1
+        assert len(alive_named("capture-vib-restart")) == 1
         assert supervisor.check().ok and supervisor.deaths == 0
     finally:
         pipeline.stop(2.0)
