@@ -56,7 +56,7 @@ class AgentControl:
             "pipelines": {
                 name: {
                     **p.state().model_dump(exclude_none=True),
-                    **p.telemetry(now).model_dump(exclude_none=True),
+                    **p.telemetry(now, "status").model_dump(exclude_none=True),
                 }
                 for name, p in self.pipelines.items()
             },

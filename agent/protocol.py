@@ -381,6 +381,13 @@ class State(Message):
         description="What the agent could not do as configured but carried on without "
         "(a saved config override that no longer applies and was dropped)",
     )
+    thread_deaths: int = Field(
+        default=0, description="Agent threads that died unexpectedly since the agent started"
+    )
+    threads_down: list[str] = Field(
+        default_factory=list,
+        description="Agent threads dead or stuck now (the watchdog is not pinged meanwhile)",
+    )
     since: float = Field(description="Unix time the agent started")
     ts: float
 
@@ -430,6 +437,8 @@ class Telemetry(Message):
     outbox_accepted: int = Field(default=0, description="= delivered + dropped + depth")
     outbox_delivered: int = Field(default=0, description="acknowledged by the broker")
     outbox_refused: int = Field(default=0, description="not accepted: too much in memory")
+    thread_deaths: int = Field(default=0, description="as in State")
+    threads_down: list[str] = Field(default_factory=list, description="as in State")
     pipelines: dict[str, PipelineTelemetry] = Field(default_factory=dict)
 
 

@@ -5,13 +5,20 @@ Start order: pipelines (workers idle until a model arrives) -> model lifecycle
 (store, start-up recovery, swaps) -> outbox -> command plane -> MQTT link -> local
 API. READY=1 goes to systemd once the first connection has been attempted. Stop
 order is the reverse, so the current inference finishes, the outbox is persisted
-and ``online: false`` is the last thing the broker hears.
+and ``online: false`` is the last thing the broker hears; the whole stop fits in
+systemd's stop timeout (a backstop ends the process if a part overruns).
+
+The main loop also supervises every thread (``agent.threads.Supervisor``): a dead one
+is restarted or ends the process non-zero, and the watchdog is pinged only while no
+thread and no pipeline is stuck.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,7 +43,8 @@ from agent.ops.httpapi import HttpApi, Predictor
 from agent.ops.metrics import INSTALL_HINT, MetricsExporter, metrics_available
 from agent.ops.sdnotify import Notifier, watchdog_interval_s
 from agent.ops.telemetry import DeviceSampler, TelemetryReporter
-from agent.protocol import RuntimeInfo, State
+from agent.protocol import RuntimeInfo, State, Telemetry
+from agent.threads import EXIT_THREAD_DIED, Supervisor, Watch
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,16 @@ TICK_S = 0.5
 # A pipeline whose worker or open source has made no progress for this long is hung.
 # Under a systemd watchdog: two ping intervals (= WatchdogSec), at least 5 s.
 HEARTBEAT_STALE_S = 20.0
+# The MQTT thread also resolves and connects, which a slow resolver can hold up for a
+# while (glibc: 5 s per try and server, both address families) without anything wrong.
+LINK_STALE_S = 120.0
+# SIGTERM to exit: systemd kills at TimeoutStopSec=15. The parts of a stop share
+# STOP_BUDGET_S (each has its own cap, below); past STOP_BACKSTOP_S after the signal
+# the process ends anyway, with EXIT_STOP_OVERRAN.
+STOP_BUDGET_S = 8.0
+STOP_BACKSTOP_S = 9.0
+EXIT_STOP_OVERRAN = 71
+_STOP_CAPS_S = {"commands": 2.5, "pipelines": 1.5, "outbox": 2.5, "link": 1.0, "http": 0.5}
 
 
 class Agent:
@@ -60,6 +78,9 @@ class Agent:
         self._built = False
         self.stale_after_s = HEARTBEAT_STALE_S
         self._next_telemetry = float("inf")
+        self.supervisor = Supervisor(HEARTBEAT_STALE_S)
+        self.telemetry_errors = 0
+        self._stop_requested_at: float | None = None
 
     @property
     def config(self) -> AgentConfig:
@@ -130,7 +151,26 @@ class Agent:
                 config.http.bind, config.http.port, Predictor(self, self._load), metrics
             )
         self.live.subscribe(self._apply_live)
+        self._watch_threads()
         self._built = True
+
+    def _watch_threads(self) -> None:
+        # Restarted in place: loops whose state lives in their component (queues,
+        # counters, the served model). Fatal: the outbox's thread owns its database
+        # connection and in-flight bookkeeping, the link's the paho loop; a new process
+        # rebuilds both from disk and the broker's session.
+        sup = self.supervisor
+        d = self.dispatcher
+        sup.watch(
+            Watch("commands", d.thread, lambda: d.heartbeat, d.restart_thread),
+            Watch("mqtt-link", self.link.thread, lambda: self.link.heartbeat, None, LINK_STALE_S),
+            Watch("outbox", self.outbox.thread, lambda: self.outbox.heartbeat),
+        )
+        for p in self.pipelines.values():
+            sup.watch(*p.watches())
+        if self.http is not None:
+            http = self.http
+            sup.watch(Watch("http-api", http.thread, http.heartbeat, http.restart_thread))
 
     def _metrics(self) -> MetricsExporter:
         if not metrics_available():
@@ -149,6 +189,7 @@ class Agent:
     def start(self, connect_wait_s: float = 5.0) -> None:
         if not self._built:
             self.build()
+        self.supervisor.install()
         for p in self.pipelines.values():
             p.start()
         self.lifecycle.start()
@@ -166,23 +207,37 @@ class Agent:
         logger.info("edge-agent %s started: %s", __version__, self.status_line())
 
     def stop(self) -> None:
+        """Stop every part within STOP_BUDGET_S, in an order that loses nothing: the
+        running command ends (the fetcher aborts its download) and its last reply goes
+        out while the link is up; pipelines hand their last results to the outbox, which
+        persists them; the link says ``online: false`` last."""
         self.notifier.stopping()
         logger.info("stopping")
+        deadline = time.monotonic() + STOP_BUDGET_S
+
+        def budget(part: str) -> float:
+            return max(0.1, min(_STOP_CAPS_S[part], deadline - time.monotonic()))
+
         self.lifecycle.stop()
         self.fetcher.stop()
-        self.dispatcher.stop()
+        self.dispatcher.stop(budget("commands"))
+        pipelines_by = time.monotonic() + budget("pipelines")
         for p in self.pipelines.values():
-            p.stop()
-        self.outbox.stop()
-        self.link.stop()
+            p.stop(max(0.1, pipelines_by - time.monotonic()))
+        self.outbox.stop(budget("outbox"))
+        self.link.stop(budget("link"))
         if self.http is not None:
-            self.http.stop()
+            self.http.stop(budget("http"))
+        self.supervisor.uninstall()
         logger.info("stopped")
 
     def run(self) -> int:
-        """Run until SIGTERM or SIGINT; SIGHUP reloads the config."""
+        """Run until SIGTERM or SIGINT (0), or until a thread that cannot be restarted
+        dies (EXIT_THREAD_DIED); SIGHUP reloads the config."""
 
         def on_stop(signum: int, frame: FrameType | None) -> None:
+            if self._stop_requested_at is None:
+                self._stop_requested_at = time.monotonic()
             self.stop_event.set()
 
         def on_hup(signum: int, frame: FrameType | None) -> None:
@@ -192,36 +247,80 @@ class Agent:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
         self.start()
-        watchdog_s = watchdog_interval_s()
+        code = 1
+        try:
+            code = self.serve(watchdog_interval_s())
+        finally:
+            started = self._stop_requested_at or time.monotonic()
+            arm_backstop(started + STOP_BACKSTOP_S)
+            self.stop()
+        return code
+
+    def serve(self, watchdog_s: float | None = None) -> int:
+        """The main loop of a started agent: supervision, watchdog, reloads, telemetry.
+        Returns 0 once ``stop_event`` is set, EXIT_THREAD_DIED when a thread that cannot
+        be restarted died (the caller then stops the agent)."""
         if watchdog_s is not None:
             self.stale_after_s = max(2 * watchdog_s, 5.0)
+        self.supervisor.stale_after_s = self.stale_after_s
         next_watchdog = 0.0
         self._next_telemetry = time.monotonic() + self.config.telemetry.interval_s
-        try:
-            while not self.stop_event.wait(TICK_S):
-                now = time.monotonic()
-                if self._reload.is_set():
-                    self._reload.clear()
-                    self.notifier.reloading()
-                    self.live.reload()
-                    self._state_changed()
-                    self.notifier.ready(self.status_line())
-                if watchdog_s is not None and now >= next_watchdog:
-                    hung = self.hung_pipelines()
-                    if hung:
-                        logger.error("not pinging the watchdog: hung pipeline(s) %s", hung)
-                    else:
-                        self.notifier.watchdog()
-                        self.notifier.status(self.status_line())
-                    next_watchdog = now + watchdog_s
-                if now >= self._next_telemetry:
-                    self.outbox.enqueue_telemetry(self.telemetry.build())
-                    self._next_telemetry = now + self.config.telemetry.interval_s
-        finally:
-            self.stop()
+        reported = self.thread_report()
+        while not self.stop_event.wait(TICK_S):
+            now = time.monotonic()
+            for p in self.pipelines.values():
+                p.poll()
+            health = self.supervisor.check()
+            if health.fatal is not None:
+                logger.critical("ending the process: thread %s is dead", health.fatal)
+                return EXIT_THREAD_DIED
+            if self.thread_report() != reported:
+                reported = self.thread_report()
+                self._state_changed()  # the retained state tells the fleet at once
+            if self._reload.is_set():
+                self._reload.clear()
+                self.notifier.reloading()
+                self.live.reload()
+                self._state_changed()
+                self.notifier.ready(self.status_line())
+            if watchdog_s is not None and now >= next_watchdog:
+                hung = self.hung_pipelines()
+                if hung:
+                    logger.error("not pinging the watchdog: hung pipeline(s) %s", hung)
+                elif not health.ok:
+                    logger.error("not pinging the watchdog: thread(s) down %s", health.stuck)
+                else:
+                    self.notifier.watchdog()
+                    self.notifier.status(self.status_line())
+                next_watchdog = now + watchdog_s
+            if now >= self._next_telemetry:
+                self._next_telemetry = now + self.config.telemetry.interval_s
+                self._send_telemetry()
         return 0
 
+    def _send_telemetry(self) -> None:
+        try:
+            message = self.build_telemetry()
+        except Exception:
+            # The main loop also pets the watchdog: a bad figure must not end it.
+            self.telemetry_errors += 1
+            logger.exception("cannot build telemetry (%d failures)", self.telemetry_errors)
+            return
+        self.outbox.enqueue_telemetry(message)
+
+    def build_telemetry(self) -> Telemetry:
+        threads = self.thread_report()
+        return self.telemetry.build().model_copy(update=threads)
+
     # ----------------------------------------------------------------- reporting
+
+    def thread_report(self) -> dict[str, Any]:
+        """``thread_deaths`` and ``threads_down`` as State and Telemetry carry them."""
+        health = self.supervisor.health
+        return {
+            "thread_deaths": self.supervisor.deaths,
+            "threads_down": sorted({*health.dead, *health.stuck}),
+        }
 
     def hung_pipelines(self) -> list[str]:
         now = time.monotonic()
@@ -246,6 +345,7 @@ class Agent:
             groups=list(config.device.groups),
             restart_needed=list(self.live.restart_needed),
             warnings=list(self.live.warnings),
+            **self.thread_report(),
             since=self.started_at,
             ts=time.time(),
         )
@@ -282,8 +382,47 @@ class Agent:
     def health(self) -> tuple[bool, dict[str, Any]]:
         states = {n: p.state().status for n, p in self.pipelines.items()}
         hung = self.hung_pipelines()
-        ok = not hung and all(s == "running" for s in states.values())
-        return ok, {"pipelines": states, "hung": hung, "connected": self.link.connected}
+        threads = self.thread_report()
+        ok = (
+            not hung
+            and not threads["threads_down"]
+            and all(s == "running" for s in states.values())
+        )
+        return ok, {
+            "pipelines": states,
+            "hung": hung,
+            "connected": self.link.connected,
+            **threads,
+        }
+
+
+def arm_backstop(at: float, code: int = EXIT_STOP_OVERRAN) -> threading.Thread:
+    """End the process at monotonic time ``at`` if it has not ended by then: a part that
+    ignores its stop deadline (or a non-daemon thread the interpreter waits for at exit)
+    must not run into systemd's SIGKILL, which would skip the log lines saying why."""
+
+    def wait_then_exit() -> None:
+        delay = at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        running = sorted(
+            t.name for t in threading.enumerate() if t is not threading.current_thread()
+        )
+        logger.critical(
+            "stop did not finish within %.0f s of the signal; exiting %d. Still running: %s",
+            STOP_BACKSTOP_S,
+            code,
+            ", ".join(running),
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    thread = threading.Thread(target=wait_then_exit, name="stop-backstop", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_agent(config_path: Path) -> int:

@@ -127,6 +127,7 @@ class MqttLink:
         self._loop: PollLoop | None = None
         self.last_error: str | None = None
         self.connects = 0
+        self.heartbeat = time.monotonic()  # the network loop's, for the supervisor
 
     # ------------------------------------------------------------------ Link interface
 
@@ -264,6 +265,10 @@ class MqttLink:
         self._thread = None
         self._client = None
 
+    def thread(self) -> threading.Thread | None:
+        """The network thread while it should be running (for the supervisor)."""
+        return None if self._stop.is_set() else self._thread
+
     def _make_client(self) -> mqtt.Client:
         mqtt_config = self._mqtt
         if self._is_v5:
@@ -318,6 +323,7 @@ class MqttLink:
         socket_open = False
         connects_at_open = 0
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
             if not socket_open:
                 try:
                     self._connect(client)

@@ -169,6 +169,7 @@ class CommandDispatcher:
         self._thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.ignored = 0
+        self.heartbeat = time.monotonic()  # the commands loop's, for the supervisor
 
     @property
     def command_topics(self) -> list[str]:
@@ -199,6 +200,17 @@ class CommandDispatcher:
         self._recent.close()
         self._thread = self._executor = None
 
+    def thread(self) -> threading.Thread | None:
+        """The commands thread while it should be running (for the supervisor)."""
+        return None if self._stop.is_set() else self._thread
+
+    def restart_thread(self) -> None:
+        """A fresh commands thread after the last one died; queued commands wait for it."""
+        if not self._stop.is_set() and self._thread is not None:
+            self.heartbeat = time.monotonic()
+            self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
+            self._thread.start()
+
     # ------------------------------------------------------------ network thread
 
     def _on_message(self, incoming: Incoming) -> None:
@@ -214,6 +226,7 @@ class CommandDispatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
             try:
                 incoming = self._queue.get(timeout=0.5)
             except queue.Empty:

@@ -178,6 +178,7 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         # What stats() reports: a copy the outbox thread replaces after each change.
         self._view: dict[str, Any] = self._make_view()
+        self.heartbeat = time.monotonic()  # the outbox loop's, for the supervisor
 
     # ------------------------------------------------------------------- producers
 
@@ -262,6 +263,10 @@ class Outbox:
             raise RuntimeError(f"outbox {self.path}: cannot open: {self._open_error}")
         self._link.add_connect_listener(lambda: self._intake.put(("connected",)))
 
+    def thread(self) -> threading.Thread | None:
+        """The outbox thread while it should be running (for the supervisor)."""
+        return None if self._stop.is_set() else self._thread
+
     def stop(self, timeout: float = 5.0) -> None:
         """Refuse new messages, write every accepted one to disk, then close; within
         ``timeout`` seconds. What cannot be written by then (the disk is full) is
@@ -335,6 +340,7 @@ class Outbox:
         next_age_check = 0.0
         try:
             while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
                 try:
                     self._take_intake(self._wait_s())
                     now = time.monotonic()

@@ -45,7 +45,7 @@ from agent.loops.worker import InferenceResult, InferenceWorker, ServedModel
 from agent.models.manifest import Manifest
 from agent.models.runtime import LoadedModel
 from agent.protocol import PipelineState, PipelineTelemetry, Result, StageLatency
-from agent.threads import SUPPORT_NICE, lower_priority
+from agent.threads import SUPPORT_NICE, Watch, lower_priority
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,11 @@ class Pipeline:
         self._results: queue.Queue[InferenceResult] = queue.Queue(RESULTS_QUEUE)
         self._results_stop = threading.Event()
         self._results_thread: threading.Thread | None = None
+        self.results_heartbeat = time.monotonic()
+        # A capture thread still stuck in a read after a restart: the new one starts
+        # only when it ends, so that one source never has two readers.
+        self._capture_after: CaptureThread | None = None
+        self._capture_lock = threading.Lock()
         # Written by the results thread only.
         self.latency = {stage: LatencyWindow() for stage in STAGES}
         self.results_out = 0
@@ -175,20 +180,38 @@ class Pipeline:
     def start(self) -> None:
         limit_opencv_threads()
         self._results_stop.clear()
+        self._start_results()
+        self.worker.start()
+        self.capture.start()
+
+    def _start_results(self) -> None:
+        self.results_heartbeat = time.monotonic()
         self._results_thread = threading.Thread(
             target=self._publish_results, name=f"results-{self.name}", daemon=True
         )
         self._results_thread.start()
-        self.worker.start()
-        self.capture.start()
 
-    def stop(self) -> None:
-        self.capture.stop()
-        self.worker.stop()
+    def restart_results(self) -> None:
+        """A fresh results thread after the last one died; queued results wait for it."""
+        if not self._results_stop.is_set():
+            self._start_results()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop capture, worker and results thread, all within ``timeout`` s: a thread
+        stuck past its share (a hung read or invoke) is left to end with the process."""
+        deadline = time.monotonic() + timeout
+
+        def share(fraction: float) -> float:
+            return max(0.05, (deadline - time.monotonic()) * fraction)
+
+        with self._capture_lock:
+            self._capture_after = None
+        self.capture.stop(share(1 / 3))
+        self.worker.stop(share(1 / 2))
         # After the worker: every result it produced is still published.
         self._results_stop.set()
         if self._results_thread is not None:
-            self._results_thread.join(5.0)
+            self._results_thread.join(share(1.0))
             self._results_thread = None
 
     @property
@@ -206,9 +229,62 @@ class Pipeline:
         self._processing = None
 
     def restart_source(self) -> None:
-        self.capture.stop()
-        self.capture = CaptureThread(self.name, self.source, _PrepareAhead(self, self.frames))
-        self.capture.start()
+        with self._capture_lock:
+            old = self._capture_after or self.capture
+            old.stop()
+            self.capture = CaptureThread(self.name, self.source, _PrepareAhead(self, self.frames))
+            if old.alive:
+                # Stuck in a driver read: a second thread must not read the same source.
+                # ``poll`` starts the new one when the old read returns and its thread ends.
+                self._capture_after = old
+                self.capture.last_error = "waiting for a hung read of the source to end"
+                logger.warning("pipeline %s: source restart waits for a hung read", self.name)
+            else:
+                self._capture_after = None
+                self.capture.start()
+
+    def poll(self) -> None:
+        """The service's tick: start a restarted source once its hung reader is gone."""
+        # Never waits: a restart holds the lock while it waits for the old thread.
+        if not self._capture_lock.acquire(blocking=False):
+            return
+        try:
+            old = self._capture_after
+            if old is not None and not old.alive:
+                self._capture_after = None
+                self.capture.start()
+        finally:
+            self._capture_lock.release()
+
+    def watches(self) -> list[Watch]:
+        """This pipeline's threads, for the supervisor."""
+
+        def capture_thread() -> threading.Thread | None:
+            # Not while the restarted one waits for its hung predecessor.
+            return None if self._capture_after is not None else self.capture.thread
+
+        def capture_heartbeat() -> float | None:
+            # Opening or waiting to reconnect has no heartbeat to keep (open may block).
+            return self.capture.heartbeat if self.capture.state == "open" else None
+
+        def results_thread() -> threading.Thread | None:
+            return None if self._results_stop.is_set() else self._results_thread
+
+        return [
+            Watch(
+                f"worker-{self.name}",
+                self.worker.thread,
+                lambda: self.worker.heartbeat,
+                self.worker.restart_thread,
+            ),
+            Watch(f"capture-{self.name}", capture_thread, capture_heartbeat, self.restart_source),
+            Watch(
+                f"results-{self.name}",
+                results_thread,
+                lambda: self.results_heartbeat,
+                self.restart_results,
+            ),
+        ]
 
     # --------------------------------------------------------------- worker hooks
 
@@ -274,6 +350,7 @@ class Pipeline:
     def _publish_results(self) -> None:
         lower_priority(SUPPORT_NICE)
         while True:
+            self.results_heartbeat = time.monotonic()
             try:
                 result = self._results.get(timeout=0.1)
             except queue.Empty:

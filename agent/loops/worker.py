@@ -15,6 +15,7 @@ figures) and never stop the thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -228,13 +229,32 @@ class InferenceWorker:
         )
         self._thread.start()
 
+    def thread(self) -> threading.Thread | None:
+        """The worker thread while it should be running (for the supervisor)."""
+        return None if self._stop.is_set() else self._thread
+
+    def restart_thread(self) -> None:
+        """A fresh worker thread after the last one died; it serves the same model."""
+        if not self._stop.is_set():
+            self.heartbeat = time.monotonic()
+            self._thread = threading.Thread(
+                target=self._run, name=f"worker-{self._pipeline}", daemon=True
+            )
+            self._thread.start()
+
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the worker; waits up to ``timeout`` s for it and as long again for a
+        model build or release still on the helper (which then ends in the background)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
         if self._helper is not None:
-            self._helper.shutdown(wait=True)
+            # One helper thread, in order: this runs once everything before it has.
+            drained = self._helper.submit(lambda: None)
+            self._helper.shutdown(wait=False)
+            with contextlib.suppress(TimeoutError):
+                drained.result(timeout)
         self._fail_pending()
         self._model = None
         self._serving = None

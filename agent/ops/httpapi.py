@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -199,6 +200,11 @@ class _ApiServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.predictor = predictor
         self.metrics = metrics
+        self.heartbeat = time.monotonic()
+
+    def service_actions(self) -> None:
+        # Called by serve_forever on every poll turn: the supervisor's heartbeat.
+        self.heartbeat = time.monotonic()
 
 
 class HttpApi:
@@ -209,7 +215,11 @@ class HttpApi:
     ) -> None:
         self._server = _ApiServer((bind, port), predictor, metrics)
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
+        self._stopping = False
+        self._thread = self._new_thread()
+
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.2},
             name="http-api",
@@ -219,7 +229,23 @@ class HttpApi:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        self._server.shutdown()
+    def thread(self) -> threading.Thread | None:
+        """The server thread while it should be running (for the supervisor)."""
+        return None if self._stopping else self._thread
+
+    def heartbeat(self) -> float:
+        return self._server.heartbeat
+
+    def restart_thread(self) -> None:
+        """Serve again on a fresh thread after the last one died (the socket stays open)."""
+        if not self._stopping:
+            self._server.heartbeat = time.monotonic()
+            self._thread = self._new_thread()
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        if self._thread.is_alive():
+            self._server.shutdown()  # waits for serve_forever's next poll turn (0.2 s)
         self._server.server_close()
-        self._thread.join(5)
+        self._thread.join(timeout)

@@ -160,6 +160,12 @@ class CaptureThread:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread while it should be running (for the supervisor): None once asked
+        to stop or when a finite source has ended."""
+        return None if self._stop.is_set() or self.state == "ended" else self._thread
+
     def _run(self) -> None:
         lower_priority(SUPPORT_NICE)
         backoff = self.min_backoff_s
@@ -167,8 +173,9 @@ class CaptureThread:
             self.state = "opening" if self.failures == 0 else "reconnecting"
             try:
                 self.source.open()
-            except SourceError as exc:
-                self._failed(str(exc))
+            except Exception as exc:  # a driver's own exception type too: retry, don't die
+                text = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+                self._failed(text)
                 self._stop.wait(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
