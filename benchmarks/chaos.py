@@ -29,8 +29,9 @@ Figures (summed over the scenarios):
   broker killed with -9 could itself lose what it acknowledged since its last
   autosave (1 s) and had not yet passed on (the subscriber is online, so it passes
   messages on at once).
-- ``uncounted_drops``: the agent's own books, ``next_seq`` - ``published`` - dropped -
-  ``depth`` from ``status``, after the drain and again after a stop and start (which
+- ``uncounted_drops``: the agent's own books, ``accepted`` - ``delivered`` - dropped -
+  ``queued`` from ``status`` (before the outbox counted ``accepted``: ``next_seq`` -
+  ``published`` - dropped - ``depth``), after the drain and again after a stop and start (which
   counts the queue from disk, so messages the running agent believes queued but
   never stored show); the larger of the two, each the smallest of three samples so
   that a batch caught between seq and insert does not count.
@@ -210,6 +211,15 @@ def _dropped_with_seq(outbox: dict[str, Any]) -> int:
 
 
 def _imbalance(outbox: dict[str, Any]) -> int:
+    if isinstance(outbox.get("accepted"), int):
+        # The outbox's own invariant: accepted == delivered + dropped (any reason) + queued.
+        dropped = outbox.get("dropped") or {}
+        return (
+            int(outbox["accepted"])
+            - int(outbox.get("delivered", 0))
+            - sum(int(v) for v in dropped.values())
+            - int(outbox.get("queued", 0))
+        )
     return (
         int(outbox["next_seq"])
         - int(outbox.get("published", 0))
@@ -262,7 +272,8 @@ def account(lab: Lab, device: str, agent: AgentProcess) -> dict[str, Any]:
         dropped = int(tel.get("outbox_dropped", 0))
         uncounted = None
     received = len(obs.seqs(device))
-    deaths_reported = _reported_deaths(tel) + _reported_deaths(obs.last_state(device) or {})
+    # Telemetry and state carry the same counter: the larger, not the sum.
+    deaths_reported = max(_reported_deaths(tel), _reported_deaths(obs.last_state(device) or {}))
     # The books again after a restart: a restart counts the queue from disk, so messages
     # the running agent believes queued but never stored show up as unaccounted.
     after_restart = books_after_restart(lab, device, agent)
