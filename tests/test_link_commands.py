@@ -87,17 +87,9 @@ def test_group_command_is_obeyed(plane: Plane) -> None:
 @pytest.mark.parametrize(
     ("payload", "code", "reply_id"),
     [
-        (b"{not json", "bad_json", ""),
-        (b"[1, 2]", "schema", ""),
         (b'{"id": "u1", "op": "reboot"}', "unknown_op", "u1"),
         (b'{"id": "s1", "op": "rollback"}', "schema", "s1"),
         (b'{"id": "s2", "op": "ping", "extra": 1}', "schema", "s2"),
-        (
-            b'{"id": "big", "op": "ping", "pad": "' + b"x" * p.MAX_COMMAND_BYTES + b'"}',
-            "too_large",
-            "",
-        ),
-        (b"\xff\xfe\x00", "bad_json", ""),
     ],
 )
 def test_malformed_commands_get_failed_replies(
@@ -107,6 +99,61 @@ def test_malformed_commands_get_failed_replies(
     reply = plane.final(reply_id)
     assert (reply["status"], reply["code"]) == ("failed", code)
     assert reply["message"]
+
+
+def _ping_answered(plane: Plane, command_id: str, topic: str = CMD) -> None:
+    plane.send({"id": command_id, "op": "ping"}, topic=topic)
+    assert plane.final(command_id)["status"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind"),
+    [
+        (b"{not json", "bad_json"),
+        (b"[1, 2]", "schema"),
+        (b'{"id": "big", "op": "ping", "pad": "' + b"x" * p.MAX_COMMAND_BYTES + b'"}', "too_large"),
+        (b"\xff\xfe\x00", "bad_json"),
+        (b"[" * 2000, "schema"),
+    ],
+)
+def test_payloads_without_an_id_are_counted_not_answered(
+    plane: Plane, payload: bytes, kind: str
+) -> None:
+    plane.send(payload)
+    _ping_answered(plane, "after")  # the commands thread handles messages in order
+    assert plane.dispatcher.refused == {kind: 1}
+    assert [r["id"] for r in plane.replies()] == ["after", "after"]
+    status_id = "st-after"
+    plane.send({"id": status_id, "op": "status"})
+    assert plane.final(status_id)["data"]["commands"]["refused"] == {kind: 1}
+
+
+def test_deep_nesting_on_the_group_topic_does_not_silence_the_device(plane: Plane) -> None:
+    # Issue 14: b"[" * 2000 raised RecursionError twice and ended the commands thread.
+    for _ in range(3):
+        plane.send(b"[" * 2000, topic="edge/group/kitchen/cmd")
+        plane.send(b"{" * 100_000, topic="edge/group/kitchen/cmd")
+    _ping_answered(plane, "alive-1", topic="edge/group/kitchen/cmd")
+    assert plane.dispatcher.refused == {"schema": 6}
+
+
+def test_the_last_resort_handler_cannot_end_the_thread(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(*_args: Any) -> Any:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    real_get = plane.dispatcher._recent.get
+    monkeypatch.setattr(plane.dispatcher._recent, "get", explode)
+    plane.send({"id": "boom1", "op": "ping"})
+    reply = plane.final("boom1")
+    assert (reply["status"], reply["code"]) == ("failed", "internal")
+    # Now the failure path fails too: the payload is counted, the thread lives.
+    monkeypatch.setattr(p, "command_id_of", explode)
+    plane.send({"id": "boom2", "op": "ping"})
+    plane.link.wait_for(lambda _: plane.dispatcher.refused.get("last_resort_failed") == 1)
+    monkeypatch.setattr(plane.dispatcher._recent, "get", real_get)
+    _ping_answered(plane, "alive-2")
 
 
 def test_expired_command_is_refused(plane: Plane) -> None:
@@ -340,20 +387,23 @@ _commandish = st.fixed_dictionaries(
     | _json.map(lambda v: json.dumps(v).encode())
     | _commandish.map(lambda v: json.dumps(v).encode())
 )
-def test_every_fuzzed_payload_gets_a_final_reply(plane: Plane, payload: bytes) -> None:
+def test_every_fuzzed_payload_gets_a_final_reply_or_is_counted(
+    plane: Plane, payload: bytes
+) -> None:
     token = base64.b64encode(hashlib.sha256(payload + str(time.monotonic()).encode()).digest()[:9])
-    plane.send(payload, response_topic="fuzz/replies", correlation_data=token)
-
-    def answered(pub: list[Published]) -> bool:
-        return any(
-            m.correlation_data == token and json.loads(m.payload)["status"] in ("done", "failed")
-            for m in pub
-            if m.topic == "fuzz/replies"
-        )
-
-    plane.link.wait_for(answered, timeout=20)
-    # And the plane still answers.
-    plane.send({"id": "alive", "op": "ping"}, response_topic="fuzz/alive", correlation_data=token)
-    plane.link.wait_for(
-        lambda pub: any(m.topic == "fuzz/alive" and m.correlation_data == token for m in pub)
+    refused_before = sum(plane.dispatcher.refused.values())
+    plane.send(payload, response_topic="edge/replies/fuzz", correlation_data=token)
+    # The plane still answers, and in order: by then the fuzzed payload was handled.
+    plane.send(
+        {"id": "alive", "op": "ping"}, response_topic="edge/replies/alive", correlation_data=token
     )
+    plane.link.wait_for(
+        lambda pub: any(m.correlation_data == token for m in pub if m.topic == "edge/replies/alive")
+    )
+    answered = any(
+        m.correlation_data == token and json.loads(m.payload)["status"] in ("done", "failed")
+        for m in list(plane.link.published)
+        if m.topic == "edge/replies/fuzz"
+    )
+    counted = sum(plane.dispatcher.refused.values()) == refused_before + 1
+    assert answered != counted

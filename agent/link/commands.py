@@ -63,6 +63,44 @@ RECENT_IDS_KEPT = 2000
 _PROGRESS_INTERVAL_S = 0.5
 
 
+class RefusalCounter:
+    """Payloads refused without an answer (no usable id), counted by kind.
+
+    Each kind is logged the first time and then at every power of ten, so a flood
+    of garbage cannot flood the log. ``count`` never raises: it is the last thing
+    the commands thread does when everything else failed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def count(self, kind: str, detail: str = "") -> None:
+        try:
+            with self._lock:
+                n = self._counts.get(kind, 0) + 1
+                self._counts[kind] = n
+            if _is_power_of_ten(n):
+                log.warning(
+                    "refused %d payload(s) of kind %s without a reply; latest: %r",
+                    n,
+                    kind,
+                    detail[:200],
+                )
+        except Exception:
+            pass  # counting must not end the thread
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
 @dataclass(frozen=True)
 class _Route:
     """Where the replies to one command go."""
@@ -169,6 +207,13 @@ class CommandDispatcher:
         self._thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.ignored = 0
+        self._refusals = RefusalCounter()
+
+    @property
+    def refused(self) -> dict[str, int]:
+        """Payloads dropped without a reply because they carried no usable id, by kind
+        (``bad_json``, ``too_large``, ``schema``, ``unknown_op``, ``internal``, ...)."""
+        return self._refusals.snapshot()
 
     @property
     def command_topics(self) -> list[str]:
@@ -221,14 +266,26 @@ class CommandDispatcher:
             try:
                 self._handle(incoming)
             except Exception as exc:
-                log.exception("command handling failed")
-                self._reply(
-                    self._route(incoming),
-                    p.command_id_of(incoming.payload),
-                    "failed",
-                    p.ReplyCode.INTERNAL,
-                    f"internal error: {exc}",
-                )
+                self._last_resort(incoming, exc)
+
+    def _last_resort(self, incoming: Incoming, exc: Exception) -> None:
+        """Answer a payload whose handling failed unexpectedly; never raises, so no
+        payload can end the commands thread."""
+        try:
+            command_id = p.command_id_of(incoming.payload)
+            if not command_id:
+                self._refusals.count(p.ReplyCode.INTERNAL.value, f"{type(exc).__name__}: {exc}")
+                return
+            log.error("handling command %s failed", command_id, exc_info=exc)
+            self._reply(
+                self._route(incoming),
+                command_id,
+                "failed",
+                p.ReplyCode.INTERNAL,
+                f"internal error: {type(exc).__name__}",
+            )
+        except Exception as again:
+            self._refusals.count("last_resort_failed", f"{type(again).__name__}")
 
     def _route(self, incoming: Incoming) -> _Route:
         topic = incoming.response_topic
@@ -241,8 +298,14 @@ class CommandDispatcher:
         try:
             command = p.decode_command(incoming.payload)
         except p.ProtocolError as err:
-            log.info("refused a command on %s: %s", incoming.topic, err.message)
-            self._reply(route, p.command_id_of(incoming.payload), "failed", err.code, err.message)
+            command_id = p.command_id_of(incoming.payload)
+            if not command_id:
+                # Nobody could match an answer without an id; a group of devices
+                # answering garbage with blank ids would only amplify it.
+                self._refusals.count(err.code.value, err.message)
+                return
+            log.info("refused command %s: %r", command_id, err.message[:200])
+            self._reply(route, command_id, "failed", err.code, err.message)
             return
         now = self._clock()
         if command.expires_at is not None and command.expires_at < now:
@@ -281,6 +344,7 @@ class CommandDispatcher:
         data.setdefault(
             "models", [m.model_dump(exclude_none=True) for m in self._target.model_states()]
         )
+        data.setdefault("commands", {"ignored": self.ignored, "refused": self.refused})
         return data
 
     def _work_for(self, command: p.Command) -> Callable[[p.Progress], dict[str, Any]]:
