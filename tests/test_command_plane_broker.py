@@ -1,4 +1,4 @@
-"""The link's limits against a real Mosquitto: MQTT 5 Maximum Packet Size and the will."""
+"""The command plane against a real Mosquitto: packet limit, will, interrupted commands."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 from agent import protocol as p
 from agent.config import AgentConfig
 from agent.link.client import MqttLink, max_incoming_packet_bytes
-from agent.link.commands import CommandDispatcher
+from agent.link.command_record import CommandRecord, Route
+from agent.link.commands import INTERRUPTED_MESSAGE, CommandDispatcher
 from agent.link.transfer import ArtifactFetcher
-from tests.link_support import FakeTarget, make_config, wait_until
+from tests.link_support import FakeTarget, SessionCollector, make_config, wait_until
 from tests.mqtt_support import Broker, MessageCollector, publish
 
 CMD = "edge/pi-1/cmd"
@@ -87,3 +88,32 @@ def test_the_will_carries_the_time_of_the_latest_connect(
         assert again["since"] == first["since"]
     finally:
         link.stop()
+
+
+def test_a_command_interrupted_by_a_restart_gets_its_final_reply_over_the_broker(
+    broker: Broker, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    record = CommandRecord(state / "commands.sqlite3")
+    record.open()
+    record.accept("dep-int", "deploy", Route("edge/replies/console-int", b"corr-int"))
+    record.close()
+    console = SessionCollector(broker, ["edge/replies/console-int"])
+    plane = LinkedPlane(make_config(state, broker))
+    plane.dispatcher.start()
+    plane.link.start()  # the dispatcher is up before the link, as in the service
+    try:
+        console.wait_until(lambda msgs: len(msgs) >= 1)
+        reply = json.loads(console.messages[0].payload)
+        assert (reply["id"], reply["status"], reply["code"]) == ("dep-int", "failed", "interrupted")
+        assert reply["message"] == INTERRUPTED_MESSAGE
+        assert console.correlations[0] == b"corr-int"
+        # Marked answered once the broker acknowledged it (read beside the agent's own).
+        record.open()
+        wait_until(lambda: record.unfinished() == [], timeout=20, what="record updated")
+        answered = record.get("dep-int")
+        assert answered is not None and answered["code"] == "interrupted"
+    finally:
+        record.close()
+        plane.stop()
+        console.close()
