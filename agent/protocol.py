@@ -334,7 +334,7 @@ _command_adapter: TypeAdapter[Command] = TypeAdapter(Command)
 
 
 class Reply(Message):
-    id: str = Field(description="The command's id; empty when the command had none readable")
+    id: str = Field(description="The command's id (a payload with no readable id gets no reply)")
     device: DeviceId
     status: Literal["accepted", "progress", "done", "failed"]
     code: ReplyCode

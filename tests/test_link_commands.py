@@ -591,6 +591,7 @@ def test_a_reply_after_the_stop_deadline_is_harmless(tmp_path: Path) -> None:
     try:
         reply = again.final("late")
         assert (reply["code"], reply["message"]) == ("interrupted", commands.INTERRUPTED_MESSAGE)
+        assert reply["data"] == {"op": "deploy", "stage": "validating"}  # where it was
     finally:
         again.dispatcher.stop()
 
@@ -600,6 +601,7 @@ def test_accepted_commands_are_answered_interrupted_after_a_restart(tmp_path: Pa
     record = CommandRecord(state / "commands.sqlite3")
     record.open()
     record.accept("dep-9", "deploy", Route("edge/replies/console-1", b"corr-9"))
+    record.note_stage("dep-9", "receiving")
     record.accept("rb-9", "rollback", Route("edge/pi-1/reply", None))
     record.record("done-9", "done", p.ReplyCode.OK)
     record.close()
@@ -612,6 +614,7 @@ def test_accepted_commands_are_answered_interrupted_after_a_restart(tmp_path: Pa
         plane.link.set_connected(True)
         dep = plane.final("dep-9", topic="edge/replies/console-1")
         assert (dep["status"], dep["code"]) == ("failed", "interrupted")
+        assert dep["data"] == {"op": "deploy", "stage": "receiving"}
         assert plane.final("rb-9")["code"] == "interrupted"
         sent = [m for m in plane.link.published if m.topic == "edge/replies/console-1"]
         assert [m.correlation_data for m in sent] == [b"corr-9"]

@@ -43,9 +43,15 @@ class Unfinished:
     command_id: str
     op: str
     route: Route | None
+    stage: str | None = None  # the last progress stage reported before the restart
 
 
-_COLUMNS_ADDED = (("op", "TEXT"), ("reply_topic", "TEXT"), ("correlation", "BLOB"))
+_COLUMNS_ADDED = (
+    ("op", "TEXT"),
+    ("reply_topic", "TEXT"),
+    ("correlation", "BLOB"),
+    ("stage", "TEXT"),
+)
 
 
 class CommandRecord:
@@ -140,16 +146,24 @@ class CommandRecord:
         )
         self._trim()
 
+    def note_stage(self, command_id: str, stage: str) -> None:
+        """Remember the stage a running command reached, so that after a crash its
+        ``interrupted`` reply can say where it stopped."""
+        self._run(
+            "UPDATE recent SET stage = ? WHERE id = ? AND status = 'accepted'",
+            (stage[:64], command_id),
+        )
+
     def unfinished(self) -> list[Unfinished]:
         """Commands accepted that never got a final reply (the agent stopped or died)."""
         rows = self._run(
-            "SELECT id, op, reply_topic, correlation FROM recent WHERE status = 'accepted' "
-            "ORDER BY ts"
+            "SELECT id, op, reply_topic, correlation, stage FROM recent "
+            "WHERE status = 'accepted' ORDER BY ts"
         )
         out = []
-        for command_id, op, topic, correlation in rows:
+        for command_id, op, topic, correlation, stage in rows:
             route = Route(topic, bytes(correlation) if correlation is not None else None)
-            out.append(Unfinished(command_id, op or "", route if topic else None))
+            out.append(Unfinished(command_id, op or "", route if topic else None, stage))
         return out
 
     def _trim(self) -> None:

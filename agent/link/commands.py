@@ -294,6 +294,7 @@ class CommandDispatcher:
                 "failed",
                 p.ReplyCode.INTERRUPTED,
                 INTERRUPTED_MESSAGE,
+                {"op": item.op, "stage": item.stage} if item.stage else {"op": item.op},
                 on_ack=self._on_interrupted_ack(item.command_id),
             )
             if not sent:
@@ -496,12 +497,18 @@ class CommandDispatcher:
         return True
 
     def _progress(self, route: Route, command_id: str) -> p.Progress:
+        def note(stage: str) -> None:
+            try:
+                self._recent.note_stage(command_id, stage)
+            except RecordError as exc:
+                self._unrecorded.count("stage", f"{command_id}: {exc}")
+
         def send(stage: str, percent: float | None) -> None:
             self._reply(
                 route, command_id, "progress", p.ReplyCode.IN_PROGRESS, stage, None, stage, percent
             )
 
-        return ProgressReporter(send)
+        return ProgressReporter(send, on_new_stage=note)
 
     def _reply(
         self,

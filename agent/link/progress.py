@@ -27,8 +27,10 @@ class ProgressReporter:
         send: SendProgress,
         interval_s: float = PROGRESS_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        on_new_stage: Callable[[str], None] | None = None,
     ) -> None:
         self._send = send
+        self._on_new_stage = on_new_stage
         self._interval_s = interval_s
         self._clock = clock
         self._stage: str | None = None
@@ -36,6 +38,9 @@ class ProgressReporter:
         self._at = 0.0
 
     def __call__(self, stage: str, percent: float | None) -> None:
+        if stage != self._stage and self._on_new_stage is not None:
+            # Before the seam below, so a crash in this stage is known to be in it.
+            self._on_new_stage(stage)
         # The crash-test seam: EDGE_AGENT_KILL_AT=<stage>[@percent] dies here.
         faults.at_stage(stage, percent)
         now = self._clock()
