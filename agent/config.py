@@ -89,6 +89,13 @@ class MqttConfig(_Section):
     command_max_age_s: PositiveFloat = Field(
         default=300.0, description="signed commands: allowed clock difference"
     )
+    reply_topics: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = Field(
+        default=None,
+        description=(
+            "MQTT topic filters a command's response topic must match; default: the "
+            "device's own reply topic and <prefix>/replies/#"
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

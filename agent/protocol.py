@@ -26,7 +26,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from enum import Enum
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -48,7 +48,13 @@ MAX_ID_LENGTH = 64
 # Second-level topic words that cannot be device ids, or their topics would collide.
 RESERVED_DEVICE_IDS = frozenset({"group", "transfer"})
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The one pattern for ids and names that become topic words or directory names
+# (the model store imports it): no '/', '+', '#', no leading '.'.
+SAFE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# JSON nested deeper than this is refused before it is parsed: the parser recurses
+# per level, and no message of the protocol needs more than a handful of levels.
+MAX_JSON_DEPTH = 32
 
 
 class CommandFailed(Exception):
@@ -74,7 +80,7 @@ def _check_id(value: str, what: str, max_len: int = MAX_ID_LENGTH) -> str:
         raise ValueError(f"{what} must not be empty")
     if len(value) > max_len:
         raise ValueError(f"{what} is longer than {max_len} characters")
-    if not _ID_RE.match(value):
+    if not SAFE_ID_RE.match(value):
         raise ValueError(
             f"{what} {value!r} may hold only letters, digits, '.', '_' and '-' "
             "and must start with a letter or digit (no '/', '+', '#')"
@@ -212,6 +218,7 @@ class ReplyCode(str, Enum):
     PROBATION_FAILED = "probation_failed"
     DOWNGRADE = "downgrade"
     CONFIG_REJECTED = "config_rejected"
+    INTERRUPTED = "interrupted"
     INTERNAL = "internal"
 
 
@@ -329,7 +336,7 @@ _command_adapter: TypeAdapter[Command] = TypeAdapter(Command)
 
 
 class Reply(Message):
-    id: str = Field(description="The command's id; empty when the command had none readable")
+    id: str = Field(description="The command's id (a payload with no readable id gets no reply)")
     device: DeviceId
     status: Literal["accepted", "progress", "done", "failed"]
     code: ReplyCode
@@ -532,16 +539,64 @@ def validation_problems(err: ValidationError, data: object = None) -> list[tuple
     return problems
 
 
-def decode_command(payload: bytes) -> Command:
-    """Parse a command payload, or raise ``ProtocolError`` with the reason's code."""
-    if len(payload) > MAX_COMMAND_BYTES:
+# Structural bytes of JSON: brackets open and close levels; quotes and backslashes
+# decide what is inside a string.
+_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
+
+
+def json_depth_exceeds(payload: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """True when brackets outside strings nest deeper than ``max_depth``.
+
+    A scan of the raw bytes, before any parser runs: it allocates nothing that
+    grows with the payload and stops at the first level too deep. It does not
+    validate JSON (the parser does that next); it only bounds how deep the parser
+    can recurse.
+    """
+    depth = 0
+    in_string = False
+    escaped_at = -1
+    for match in _STRUCTURE.finditer(payload):
+        at = match.start()
+        if at == escaped_at:
+            continue
+        char = payload[at]
+        if in_string:
+            if char == 0x5C:  # backslash: the next byte is escaped
+                escaped_at = at + 1
+            elif char == 0x22:
+                in_string = False
+        elif char == 0x22:
+            in_string = True
+        elif char in (0x5B, 0x7B):
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif char in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def _check_size_and_depth(payload: bytes, what: str, max_bytes: int) -> None:
+    if len(payload) > max_bytes:
         raise ProtocolError(
             ReplyCode.TOO_LARGE,
-            f"command of {len(payload)} bytes exceeds the {MAX_COMMAND_BYTES}-byte limit",
+            f"{what} of {len(payload)} bytes exceeds the {max_bytes}-byte limit",
         )
+    if json_depth_exceeds(payload):
+        raise ProtocolError(ReplyCode.SCHEMA, f"{what} is nested deeper than {MAX_JSON_DEPTH}")
+
+
+def decode_command(payload: bytes) -> Command:
+    """Parse a command payload, or raise ``ProtocolError`` with the reason's code.
+
+    Cheapest checks first: size, then nesting depth on the raw bytes, then JSON,
+    then the schema; nothing that grows with the payload is built before the
+    first two passed.
+    """
+    _check_size_and_depth(payload, "command", MAX_COMMAND_BYTES)
     try:
         data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(ReplyCode.BAD_JSON, f"command is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError(ReplyCode.SCHEMA, "command must be a JSON object")
@@ -557,13 +612,47 @@ def decode_command(payload: bytes) -> Command:
         raise ProtocolError(ReplyCode.SCHEMA, format_validation_error(err, data)) from None
 
 
-def command_id_of(payload: bytes) -> str:
-    """Best-effort id of a payload that failed to parse, so its failure can be answered."""
+M = TypeVar("M", bound=Message)
+
+
+def decode_message(payload: bytes, model: type[M], max_bytes: int) -> M:
+    """Parse any other message (``Chunk``, ``ChunkRequest``, ...) through the same
+    guards as a command: size, depth, then JSON and schema in one pass.
+
+    Raises ``ProtocolError`` (``too_large``, ``bad_json`` or ``schema``).
+    """
+    name = model.__name__
+    _check_size_and_depth(payload, name, max_bytes)
     try:
-        data = json.loads(payload[:MAX_COMMAND_BYTES])
+        return model.model_validate_json(payload)
+    except ValidationError as err:
+        if any(e["type"] == "json_invalid" for e in err.errors()):
+            raise ProtocolError(ReplyCode.BAD_JSON, f"{name} is not valid JSON") from None
+        raise ProtocolError(ReplyCode.SCHEMA, format_validation_error(err)) from None
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(ReplyCode.BAD_JSON, f"{name} is not valid JSON: {exc}") from None
+
+
+def max_chunk_message_bytes(chunk_size: int = MAX_COMMAND_BYTES) -> int:
+    """The largest ``Chunk`` message for a chunk of ``chunk_size`` bytes: its base64
+    text plus the JSON around it (ids, index, total, sha256)."""
+    return 4 * ((chunk_size + 2) // 3) + 1024
+
+
+def command_id_of(payload: bytes) -> str:
+    """Best-effort id of a payload that failed to parse, so its failure can be answered.
+
+    Never raises: a payload too large, too deep or unreadable simply has no id.
+    """
+    try:
+        if len(payload) > MAX_COMMAND_BYTES or json_depth_exceeds(payload):
+            return ""
+        data = json.loads(payload)
         value = data.get("id") if isinstance(data, dict) else None
-        return value if isinstance(value, str) and _ID_RE.match(value or "") else ""
-    except (ValueError, UnicodeDecodeError):
+        if isinstance(value, str) and len(value) <= MAX_ID_LENGTH and SAFE_ID_RE.match(value):
+            return value
+        return ""
+    except Exception:
         return ""
 
 

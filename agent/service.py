@@ -166,6 +166,8 @@ class Agent:
             Watch("mqtt-link", self.link.thread, lambda: self.link.heartbeat, None, LINK_STALE_S),
             Watch("outbox", self.outbox.thread, lambda: self.outbox.heartbeat),
         )
+        # A lane may run one command for minutes (a download): no heartbeat, only death.
+        sup.watch(*(Watch(lane.name, lane.thread, None, lane.restart) for lane in d.lanes))
         for p in self.pipelines.values():
             sup.watch(*p.watches())
         if self.http is not None:

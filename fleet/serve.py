@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
 from urllib.parse import quote
 
-from pydantic import ValidationError
-
 from agent.models.manifest import Bundle
 from agent.protocol import (
     MAX_COMMAND_BYTES,
@@ -30,9 +28,10 @@ from agent.protocol import (
     Chunk,
     ChunkRequest,
     MqttArtifact,
+    ProtocolError,
     Topics,
     UrlArtifact,
-    format_validation_error,
+    decode_message,
 )
 
 log = logging.getLogger(__name__)
@@ -212,9 +211,9 @@ class ChunkPublisher:
     def on_request(self, payload: bytes) -> None:
         """A ``ChunkRequest`` arrived (called on the MQTT thread: never blocks)."""
         try:
-            request = ChunkRequest.model_validate_json(payload)
-        except ValidationError as err:
-            log.warning("ignored an invalid chunk request: %s", format_validation_error(err))
+            request = decode_message(payload, ChunkRequest, MAX_COMMAND_BYTES)
+        except ProtocolError as err:
+            log.warning("ignored an invalid chunk request: %s", err.message)
             return
         if request.transfer_id != self.transfer_id:
             return

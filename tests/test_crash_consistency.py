@@ -239,11 +239,9 @@ def assert_no_download_leftovers(state_dir: Path) -> None:
     assert not tmp.exists() or not any(tmp.iterdir()), list(tmp.rglob("*"))
 
 
-def assert_interrupted_reply(agent: AgentRun, command_id: str) -> None:
-    """The command the crash interrupted gets its final reply after the restart.
-
-    This is the command plane's half of the guarantee (interrupted-command replies).
-    """
+def assert_interrupted_reply(agent: AgentRun, command_id: str, stage: str) -> None:
+    """The command the crash interrupted gets its final reply after the restart:
+    ``interrupted``, or ``probation_failed`` when it was cut off in probation."""
     reply = wait_for(
         lambda: next(
             (r for r in agent.of("reply") if r.id == command_id and r.status in ("done", "failed")),
@@ -252,7 +250,8 @@ def assert_interrupted_reply(agent: AgentRun, command_id: str) -> None:
         30,
         f"a final reply to the interrupted command {command_id}",
     )
-    assert (reply.status, reply.code.value) == ("failed", "interrupted"), reply
+    expected = "probation_failed" if stage.startswith("probation") else "interrupted"
+    assert (reply.status, reply.code.value) == ("failed", expected), reply
 
 
 # ------------------------------------------------------------------------ the test
@@ -307,9 +306,9 @@ def test_sigkill_during_a_deploy_then_restart(
             # The deploy died before its swap: nothing of it is kept.
             assert record["installed"] == ["1"], record
         assert_no_store_leftovers(state_dir)
-        # The last two are the transfer's and the command plane's halves of the guarantee.
+        # Nothing left of the download, and a final answer for the command.
         assert_no_download_leftovers(state_dir)
-        assert_interrupted_reply(again, command["id"])
+        assert_interrupted_reply(again, command["id"], kill_at)
     finally:
         again.stop()
     assert again.proc.returncode == 0

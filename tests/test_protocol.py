@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -141,3 +142,77 @@ def test_json_schemas_cover_every_message() -> None:
         if "op" in m.get("properties", {})
     }
     assert ops == set(p.COMMAND_OPS)
+
+
+# ------------------------------------------------------------- hostile shapes (issue 14)
+
+DEEP = [b"[" * 2000, b"{" * 2000, b'{"id": "deep", "op": "ping", "x": ' + b"[" * 5000]
+
+
+@pytest.mark.parametrize("payload", DEEP, ids=["lists", "braces", "inside-a-command"])
+def test_deep_nesting_is_refused_before_json_parses_it(payload: bytes) -> None:
+    # On the old code json.loads raised RecursionError, which is not a ProtocolError.
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_command(payload)
+    assert info.value.code is p.ReplyCode.SCHEMA
+    assert "nested deeper" in info.value.message
+
+
+@pytest.mark.parametrize("payload", DEEP, ids=["lists", "braces", "inside-a-command"])
+def test_command_id_of_never_raises_on_deep_nesting(payload: bytes) -> None:
+    assert p.command_id_of(payload) == ""
+
+
+def test_depth_scan_ignores_brackets_inside_strings() -> None:
+    brackets = "[" * 100 + '\\"' + "{" * 100
+    payload = json.dumps({"id": "s1", "op": "ping", "pad": brackets}).encode()
+    assert not p.json_depth_exceeds(payload)
+    assert p.json_depth_exceeds(b'["\\\\"' + b"[" * 40)  # an escaped backslash ends nothing
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_command(payload)
+    assert info.value.code is p.ReplyCode.SCHEMA and "pad" in info.value.message
+
+
+def test_nesting_up_to_the_limit_is_parsed() -> None:
+    value: object = 1
+    for _ in range(p.MAX_JSON_DEPTH - 2):
+        value = [value]
+    payload = json.dumps({"id": "c1", "op": "config", "changes": {"a": value}}).encode()
+    assert isinstance(p.decode_command(payload), p.ConfigCommand)
+
+
+def test_command_id_of_refuses_long_or_oversized_ids() -> None:
+    assert p.command_id_of(json.dumps({"id": "a" * (p.MAX_ID_LENGTH + 1)}).encode()) == ""
+    big = json.dumps({"id": "ok1", "pad": "x" * p.MAX_COMMAND_BYTES}).encode()
+    assert p.command_id_of(big) == ""
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"[" * 3000, p.ReplyCode.SCHEMA),
+        (b"{not json", p.ReplyCode.BAD_JSON),
+        (b'{"transfer_id": "t1"}', p.ReplyCode.SCHEMA),
+        (b"x" * 5000, p.ReplyCode.TOO_LARGE),
+    ],
+)
+def test_decode_message_guards_chunks(payload: bytes, code: p.ReplyCode) -> None:
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_message(payload, p.Chunk, max_bytes=4096)
+    assert info.value.code is code
+
+
+def test_decode_message_parses_a_chunk_and_a_chunk_request() -> None:
+    chunk = p.Chunk(transfer_id="t1", index=0, total=2, data="QUJD")
+    assert p.decode_message(chunk.to_bytes(), p.Chunk, 4096) == chunk
+    request = p.ChunkRequest(transfer_id="t1", device="pi-1", missing=[1, 2], ts=1.0)
+    assert p.decode_message(request.to_bytes(), p.ChunkRequest, 4096) == request
+
+
+def test_largest_chunk_message_fits_its_bound() -> None:
+    size = p.MAX_COMMAND_BYTES
+    data = base64.b64encode(b"\xff" * size).decode()
+    chunk = p.Chunk(
+        transfer_id="t" * p.MAX_ID_LENGTH, index=10**9, total=10**9, data=data, sha256="0" * 64
+    )
+    assert len(chunk.to_bytes()) <= p.max_chunk_message_bytes(size)

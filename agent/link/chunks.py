@@ -24,8 +24,6 @@ import os
 import queue
 import time
 
-from pydantic import ValidationError
-
 from agent import protocol as p
 from agent.config import TransferConfig
 from agent.link.base import Incoming, Link
@@ -34,8 +32,6 @@ from agent.link.delivery import POLL_S, Delivery, fail, storage_failed
 log = logging.getLogger(__name__)
 
 _MAX_QUEUED_CHUNKS = 256
-# A chunk's JSON beyond its base64 data: ids, index, total, sha256, keys.
-_CHUNK_OVERHEAD = 1024
 
 
 def missing_indexes(received: bytearray, limit: int) -> list[int]:
@@ -160,13 +156,12 @@ class ChunkReceiver:
     def _chunk_bytes(
         self, payload: bytes, artifact: p.MqttArtifact, size: int
     ) -> tuple[int | None, bytes]:
-        if len(payload) > 4 * (artifact.chunk_size // 3 + 1) + _CHUNK_OVERHEAD:
-            log.debug("ignored an oversized chunk for %s", artifact.transfer_id)
-            return None, b""
         try:
-            chunk = p.Chunk.model_validate_json(payload)
+            chunk = p.decode_message(
+                payload, p.Chunk, p.max_chunk_message_bytes(artifact.chunk_size)
+            )
             data = base64.b64decode(chunk.data, validate=True)
-        except (ValidationError, ValueError, binascii.Error):
+        except (p.ProtocolError, ValueError, binascii.Error):
             log.debug("ignored a malformed chunk for %s", artifact.transfer_id)
             return None, b""
         if (

@@ -38,6 +38,25 @@ log = logging.getLogger(__name__)
 StateProvider = Callable[[], p.State]
 
 
+# Room in a packet besides the payload: fixed header, topic (the device's longest
+# topic is well under 1 KiB) and MQTT 5 properties (response topic up to the 512
+# characters the dispatcher accepts, correlation data, user properties).
+_PACKET_OVERHEAD_BYTES = 8 * 1024
+
+
+def max_incoming_packet_bytes() -> int:
+    """The MQTT 5 Maximum Packet Size the device announces at CONNECT.
+
+    Nothing the device accepts is larger: a command is at most
+    ``MAX_COMMAND_BYTES``, and the largest ``Chunk`` is the base64 of a chunk of
+    the largest ``chunk_size`` a deploy may name, plus its JSON. The broker then
+    drops larger publishes for this client instead of sending them (MQTT 5,
+    3.1.2.11.4), so a 256 MB publish is never copied into the agent.
+    """
+    largest = max(p.MAX_COMMAND_BYTES, p.max_chunk_message_bytes(p.MAX_COMMAND_BYTES))
+    return largest + _PACKET_OVERHEAD_BYTES
+
+
 class LinkError(Exception):
     """The link cannot be set up from this config (one line naming the cause)."""
 
@@ -289,23 +308,30 @@ class MqttLink:
         if mqtt_config.tls.enabled:
             client.tls_set_context(tls_context(mqtt_config))
         client.max_inflight_messages_set(self._config.outbox.max_inflight)
-        client.will_set(
-            self.topics.state(self.device),
-            self.state(online=False).to_bytes(),
-            qos=1,
-            retain=True,
-        )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         return client
 
+    def _set_will(self, client: mqtt.Client) -> None:
+        """Registered anew before every connect, so the will's ``ts`` is the time of
+        the connection it belongs to (the device was online at least until then)
+        and its models are those of that moment, not of the first connect."""
+        client.will_set(
+            self.topics.state(self.device),
+            self.state(online=False).to_bytes(),
+            qos=1,
+            retain=True,
+        )
+
     def _connect(self, client: mqtt.Client) -> None:
         mqtt_config = self._mqtt
+        self._set_will(client)
         if self._is_v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = mqtt_config.session_expiry_s
+            properties.MaximumPacketSize = max_incoming_packet_bytes()
             client.connect(
                 mqtt_config.host,
                 mqtt_config.port,

@@ -1,33 +1,39 @@
 """The command plane: commands in, replies out, work handed to a ``CommandTarget``.
 
 Messages arrive on the network thread and are only queued there. The ``commands``
-thread decodes and checks each one (size, JSON, op, schema, expiry, signature,
-repeated id), answers ``accepted`` at once and answers ``ping`` and ``status``
-itself, so they stay prompt during a deploy. Long work (deploy, rollback, config,
-restart) runs one at a time on the ``command-exec`` thread and ends in ``done`` or
-``failed``. Whatever a client sends, the worst outcome is a ``failed`` reply.
+thread decodes and checks each one (size, depth, JSON, op, schema, expiry,
+signature, repeated id), answers ``accepted`` at once and answers ``ping`` and
+``status`` itself, so they stay prompt during a deploy. Long work runs on two
+lanes, each one command at a time with a bounded queue (full: ``busy``): deploy
+and restart on ``command-work``, rollback and config on ``command-control``, so a
+rollback never waits behind a deploy. Every command ends in ``done`` or
+``failed``; a payload without a usable id is counted (``refused``), not answered.
+No payload ends the commands thread.
+
+At start, the commands the record holds as accepted without a final reply (the
+agent stopped or died while they ran) are answered ``failed``/``interrupted`` on
+their own route once the link is up.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from agent import protocol as p
 from agent.config import AgentConfig
-from agent.link.base import Incoming, Link
+from agent.link.base import AckCallback, Incoming, Link
+from agent.link.command_record import CommandRecord, RecordError, Route, Unfinished
+from agent.link.lanes import Lane
+from agent.link.progress import ProgressReporter
+from agent.link.reply_routes import ReplyRoutes
 from agent.link.signing import CommandVerifier
 from agent.link.transfer import ArtifactFetcher
-from agent.ops import faults
 
 log = logging.getLogger(__name__)
 
@@ -59,89 +65,69 @@ class CommandTarget(Protocol):
 
 ReplyStatus = Literal["accepted", "progress", "done", "failed"]
 MAX_QUEUED_COMMANDS = 1000
-RECENT_IDS_KEPT = 2000
-_PROGRESS_INTERVAL_S = 0.5
+# Long commands waiting on one lane (besides the one running); past it: ``busy``.
+MAX_PENDING_PER_LANE = 8
+INTERRUPTED_MESSAGE = "the agent restarted while this command ran"
+# A deploy cut off in probation ended as a failed trial: the model lifecycle does
+# not serve an unproven version after a restart (it returns to last-known-good).
+PROBATION_RESTART_MESSAGE = "agent restarted during probation; the version on trial was not kept"
 
 
-@dataclass(frozen=True)
-class _Route:
-    """Where the replies to one command go."""
+def interrupted_outcome(op: str, stage: str | None) -> tuple[p.ReplyCode, str]:
+    """The final reply of a command the last run left unfinished."""
+    if op == "deploy" and stage == "probation":
+        return p.ReplyCode.PROBATION_FAILED, PROBATION_RESTART_MESSAGE
+    return p.ReplyCode.INTERRUPTED, INTERRUPTED_MESSAGE
 
-    topic: str
-    correlation_data: bytes | None
+
+WORK_OPS = ("deploy", "restart")
+CONTROL_OPS = ("rollback", "config")
 
 
-class RecentCommands:
-    """Ids of recent commands and how they ended, persisted so a command delivered
-    again after a restart is still not executed twice."""
+class KindCounter:
+    """Events counted by kind; each kind logged the first time and then at every
+    power of ten, so a flood cannot flood the log. ``count`` never raises: it is
+    the last thing the commands thread does when everything else failed."""
 
-    def __init__(self, path: Path, keep: int = RECENT_IDS_KEPT) -> None:
-        self.path = path
-        self._keep = keep
+    def __init__(self, what: str) -> None:
+        self._what = what
         self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
+        self._counts: dict[str, int] = {}
 
-    def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS recent (id TEXT PRIMARY KEY, status TEXT NOT NULL, "
-            "code TEXT NOT NULL, message TEXT NOT NULL, data TEXT, ts REAL NOT NULL)"
-        )
-        db.execute("CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, ts REAL NOT NULL)")
-        self._db = db
+    def count(self, kind: str, detail: str = "") -> None:
+        try:
+            with self._lock:
+                n = self._counts.get(kind, 0) + 1
+                self._counts[kind] = n
+            if _is_power_of_ten(n):
+                log.warning("%s: %d of kind %s; latest: %r", self._what, n, kind, detail[:200])
+        except Exception:
+            pass  # counting must not end the thread
 
-    def close(self) -> None:
+    def snapshot(self) -> dict[str, int]:
         with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            return dict(self._counts)
 
-    def get(self, command_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            assert self._db is not None
-            row = self._db.execute(
-                "SELECT status, code, message, data FROM recent WHERE id = ?", (command_id,)
-            ).fetchone()
-        if row is None:
-            return None
-        original: dict[str, Any] = {"status": row[0], "code": row[1], "message": row[2]}
-        if row[3] is not None:
-            original["data"] = json.loads(row[3])
-        return original
 
-    def record(
-        self,
-        command_id: str,
-        status: str,
-        code: p.ReplyCode,
-        message: str = "",
-        data: dict[str, Any] | None = None,
-    ) -> None:
-        encoded = json.dumps(data, default=str) if data is not None else None
-        with self._lock:
-            assert self._db is not None
-            self._db.execute(
-                "INSERT OR REPLACE INTO recent VALUES (?, ?, ?, ?, ?, ?)",
-                (command_id, status, code.value, message, encoded, time.time()),
-            )
-            self._db.execute(
-                "DELETE FROM recent WHERE id NOT IN "
-                "(SELECT id FROM recent ORDER BY ts DESC LIMIT ?)",
-                (self._keep,),
-            )
+def _is_power_of_ten(n: int) -> bool:
+    while n > 1 and n % 10 == 0:
+        n //= 10
+    return n == 1
 
-    def use_nonce(self, nonce: str, now: float, window_s: float) -> bool:
-        """False if the nonce was already seen within the window (a replay)."""
-        with self._lock:
-            assert self._db is not None
-            self._db.execute("DELETE FROM nonces WHERE ts < ?", (now - 2 * window_s,))
-            try:
-                self._db.execute("INSERT INTO nonces VALUES (?, ?)", (nonce, now))
-            except sqlite3.IntegrityError:
-                return False
-            return True
+
+def _printable(value: Any, depth: int = 0) -> Any:
+    """``value`` with every string made encodable as UTF-8 (a lone surrogate from a
+    hostile payload becomes ``\\udXXX`` text), so a reply and its record can be
+    written."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if depth > p.MAX_JSON_DEPTH:
+        return str(type(value).__name__)
+    if isinstance(value, dict):
+        return {_printable(k, depth + 1): _printable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v, depth + 1) for v in value]
+    return value
 
 
 class CommandDispatcher:
@@ -153,52 +139,109 @@ class CommandDispatcher:
         fetcher: ArtifactFetcher,
         state_changed: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.time,
+        record: CommandRecord | None = None,
     ) -> None:
         self.device = config.device.id
         self._groups = list(config.device.groups)
         self._topics = p.Topics(config.mqtt.topic_prefix)
+        self._routes = ReplyRoutes(self._topics, self.device, config.mqtt.reply_topics)
         self._link = link
         self._target = target
         self._fetcher = fetcher
         self._state_changed = state_changed
         self._clock = clock
         self._verifier = CommandVerifier(config) if config.mqtt.require_signed_commands else None
-        self._recent = RecentCommands(config.state_dir / "commands.sqlite3")
-        self._queue: queue.Queue[Incoming] = queue.Queue(MAX_QUEUED_COMMANDS)
+        self._recent = record or CommandRecord(config.state_dir / "commands.sqlite3")
+        # None wakes the commands thread (the link came up).
+        self._queue: queue.Queue[Incoming | None] = queue.Queue(MAX_QUEUED_COMMANDS)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._work = Lane("command-work", MAX_PENDING_PER_LANE)
+        self._control = Lane("command-control", MAX_PENDING_PER_LANE)
+        self._interrupted: list[Unfinished] = []
+        self._interrupted_acked: queue.SimpleQueue[tuple[str, p.ReplyCode, str]] = (
+            queue.SimpleQueue()
+        )
         self.ignored = 0
         self.heartbeat = time.monotonic()  # the commands loop's, for the supervisor
+        self._refusals = KindCounter("payloads refused without a reply")
+        self._bad_routes = KindCounter("response topics refused")
+        self._unrecorded = KindCounter("replies sent but not recorded")
+
+    # ----------------------------------------------------------------- counters
+
+    @property
+    def refused(self) -> dict[str, int]:
+        """Payloads dropped without a reply because they carried no usable id, by kind
+        (``bad_json``, ``too_large``, ``schema``, ``unknown_op``, ``internal``, ...)."""
+        return self._refusals.snapshot()
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        """For status and telemetry: what the command plane dropped or could not do."""
+        return {
+            "ignored": self.ignored,
+            "refused": self.refused,
+            "response_topics_refused": self._bad_routes.snapshot(),
+            "unrecorded": self._unrecorded.snapshot(),
+            "pending": {"work": self._work.pending, "control": self._control.pending},
+        }
+
+    @property
+    def lanes(self) -> tuple[Lane, Lane]:
+        """The long-command lanes (deploy/restart, rollback/config), for the supervisor."""
+        return self._work, self._control
+
+    @property
+    def alive(self) -> bool:
+        """The commands thread and both lanes are running."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and self._work.alive and self._control.alive
 
     @property
     def command_topics(self) -> list[str]:
         return [self._topics.cmd(self.device)] + [self._topics.group_cmd(g) for g in self._groups]
 
+    # ---------------------------------------------------------------- lifecycle
+
     def start(self) -> None:
         if self._thread is not None:
             return
         self._recent.open()
+        try:
+            self._interrupted = self._recent.unfinished()
+        except RecordError as exc:
+            log.error("cannot read the command record: %s", exc)
+            self._interrupted = []
         self._stop.clear()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="command-exec")
+        self._work.start()
+        self._control.start()
         self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
         self._thread.start()
+        self._link.add_connect_listener(self._wake)
         for topic in self.command_topics:
             self._link.subscribe(topic, self._on_message, qos=1)
 
     def stop(self, timeout: float = 5.0) -> None:
-        thread, executor = self._thread, self._executor
-        if thread is None or executor is None:
+        """Stop taking commands and wait, up to ``timeout`` seconds in all, for the
+        running ones to reply; the record closes after that. Queued commands are
+        dropped: they stay accepted in the record and are answered ``interrupted``
+        at the next start."""
+        thread = self._thread
+        if thread is None:
             return
+        deadline = time.monotonic() + timeout
         # No unsubscribe: the subscriptions belong to the persistent session, so
         # commands sent while the agent is down wait at the broker.
         self._stop.set()
-        thread.join(timeout)
-        # A running deploy cannot be interrupted safely; it finishes in the background
-        # (its thread is not waited for) and queued ones are dropped.
-        executor.shutdown(wait=False, cancel_futures=True)
+        thread.join(max(0.0, deadline - time.monotonic()))
+        finished = [lane.stop(deadline - time.monotonic()) for lane in (self._work, self._control)]
+        if not all(finished):
+            # Its reply, if it ever comes, is still sent; recording it fails harmlessly.
+            log.warning("a command was still running at stop; closing the record anyway")
+        self._record_acked_interruptions()
         self._recent.close()
-        self._thread = self._executor = None
+        self._thread = None
 
     def thread(self) -> threading.Thread | None:
         """The commands thread while it should be running (for the supervisor)."""
@@ -222,40 +265,111 @@ class CommandDispatcher:
             if self.ignored % 100 == 1:
                 log.warning("command queue full: ignored %d command(s) so far", self.ignored)
 
+    def _wake(self) -> None:
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass  # the thread is busy anyway and checks the link on its next turn
+
     # ----------------------------------------------------------- commands thread
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
             try:
+                self._answer_interrupted()
+                self._record_acked_interruptions()
+            except Exception as exc:
+                self._refusals.count("interrupted_replies_failed", f"{type(exc).__name__}: {exc}")
+            try:
                 incoming = self._queue.get(timeout=0.5)
             except queue.Empty:
+                continue
+            if incoming is None:
                 continue
             try:
                 self._handle(incoming)
             except Exception as exc:
-                log.exception("command handling failed")
-                self._reply(
-                    self._route(incoming),
-                    p.command_id_of(incoming.payload),
-                    "failed",
-                    p.ReplyCode.INTERNAL,
-                    f"internal error: {exc}",
-                )
+                self._last_resort(incoming, exc)
 
-    def _route(self, incoming: Incoming) -> _Route:
+    def _last_resort(self, incoming: Incoming, exc: Exception) -> None:
+        """Answer a payload whose handling failed unexpectedly; never raises, so no
+        payload can end the commands thread."""
+        try:
+            command_id = p.command_id_of(incoming.payload)
+            if not command_id:
+                self._refusals.count(p.ReplyCode.INTERNAL.value, f"{type(exc).__name__}: {exc}")
+                return
+            log.error("handling command %s failed", command_id, exc_info=exc)
+            self._reply(
+                self._route(incoming),
+                command_id,
+                "failed",
+                p.ReplyCode.INTERNAL,
+                f"internal error: {type(exc).__name__}",
+            )
+        except Exception as again:
+            self._refusals.count("last_resort_failed", f"{type(again).__name__}")
+
+    def _answer_interrupted(self) -> None:
+        """Once the link is up, the final reply of each command the last run left
+        unfinished; it is marked answered when the broker acknowledges it."""
+        if not self._interrupted or not self._link.connected:
+            return
+        pending, self._interrupted = self._interrupted, []
+        for item in pending:
+            route = item.route or Route(self._routes.default, None)
+            log.warning("command %s (%s) was interrupted by a restart", item.command_id, item.op)
+            code, message = interrupted_outcome(item.op, item.stage)
+            sent = self._reply(
+                route,
+                item.command_id,
+                "failed",
+                code,
+                message,
+                {"op": item.op, "stage": item.stage} if item.stage else {"op": item.op},
+                on_ack=self._on_interrupted_ack(item.command_id, code, message),
+            )
+            if not sent:
+                self._interrupted.append(item)  # try again at the next turn
+
+    def _on_interrupted_ack(self, command_id: str, code: p.ReplyCode, message: str) -> AckCallback:
+        def acked(ok: bool) -> None:
+            if ok:
+                self._interrupted_acked.put((command_id, code, message))
+
+        return acked
+
+    def _record_acked_interruptions(self) -> None:
+        # Written here, not in the ack callback: that runs on the network thread,
+        # which must not wait on the disk.
+        while True:
+            try:
+                command_id, code, message = self._interrupted_acked.get_nowait()
+            except queue.Empty:
+                return
+            self._try_record(command_id, "failed", code, message, None)
+
+    def _route(self, incoming: Incoming) -> Route:
         topic = incoming.response_topic
-        if not topic or "+" in topic or "#" in topic or len(topic) > 512:
-            topic = self._topics.reply(self.device)
-        return _Route(topic, incoming.correlation_data)
+        route = self._routes.route(topic, incoming.correlation_data)
+        if topic is not None and route.topic != topic:
+            self._bad_routes.count("not allowed", topic)
+        return route
 
     def _handle(self, incoming: Incoming) -> None:
         route = self._route(incoming)
         try:
             command = p.decode_command(incoming.payload)
         except p.ProtocolError as err:
-            log.info("refused a command on %s: %s", incoming.topic, err.message)
-            self._reply(route, p.command_id_of(incoming.payload), "failed", err.code, err.message)
+            command_id = p.command_id_of(incoming.payload)
+            if not command_id:
+                # Nobody could match an answer without an id; a group of devices
+                # answering garbage with blank ids would only amplify it.
+                self._refusals.count(err.code.value, err.message)
+                return
+            log.info("refused command %s: %r", command_id, err.message[:200])
+            self._reply(route, command_id, "failed", err.code, err.message)
             return
         now = self._clock()
         if command.expires_at is not None and command.expires_at < now:
@@ -263,12 +377,23 @@ class CommandDispatcher:
             self._reply(route, command.id, "failed", p.ReplyCode.EXPIRED, message)
             return
         if self._verifier is not None:
-            problem = self._verifier.problem(incoming, command, now, self._recent)
+            try:
+                problem = self._verifier.problem(incoming, command, now, self._recent)
+            except RecordError as exc:
+                problem = f"cannot check the command nonce: {exc}"
             if problem is not None:
                 log.warning("refused command %s: %s", command.id, problem)
                 self._reply(route, command.id, "failed", p.ReplyCode.BAD_SIGNATURE, problem)
                 return
-        original = self._recent.get(command.id)
+        try:
+            original = self._recent.get(command.id)
+        except RecordError as exc:
+            # Cannot tell a repeat: harmless for ping and status, not for the rest.
+            if command.op not in ("ping", "status"):
+                message = f"cannot read the command record: {exc}"
+                self._reply(route, command.id, "failed", p.ReplyCode.STORAGE_FAILED, message)
+                return
+            original = None
         if original is not None:
             self._reply(
                 route,
@@ -279,21 +404,41 @@ class CommandDispatcher:
                 {"original": original},
             )
             return
-        self._recent.record(command.id, "accepted", p.ReplyCode.ACCEPTED, "interrupted")
+        lane = self._lane_for(command)
+        if lane is not None and lane.pending >= lane.max_pending:
+            message = f"{lane.pending} command(s) already wait on {lane.name}; try again later"
+            self._reply(route, command.id, "failed", p.ReplyCode.BUSY, message)
+            return
+        try:
+            self._recent.accept(command.id, command.op, route)
+        except RecordError as exc:
+            # Still executed and answered: a full disk must not make the device
+            # unmanageable; a redelivery of this id could then run it again.
+            self._unrecorded.count("accepted", f"{command.id}: {exc}")
         self._reply(route, command.id, "accepted", p.ReplyCode.ACCEPTED, command.op)
         if isinstance(command, p.PingCommand):
             self._finish(route, command.id, {"pong": True, "ts": self._clock()})
         elif isinstance(command, p.StatusCommand):
             self._execute(route, command, lambda _progress: self._status())
         else:
-            assert self._executor is not None
-            self._executor.submit(self._execute, route, command, self._work_for(command))
+            assert lane is not None
+            work = self._work_for(command)
+            if not lane.submit(lambda: self._execute(route, command, work)):
+                self._fail(route, command.id, p.ReplyCode.BUSY, f"{lane.name} is not taking work")
+
+    def _lane_for(self, command: p.Command) -> Lane | None:
+        if command.op in WORK_OPS:
+            return self._work
+        if command.op in CONTROL_OPS:
+            return self._control
+        return None
 
     def _status(self) -> dict[str, Any]:
         data = dict(self._target.status())
         data.setdefault(
             "models", [m.model_dump(exclude_none=True) for m in self._target.model_states()]
         )
+        data.setdefault("commands", self.counters)
         return data
 
     def _work_for(self, command: p.Command) -> Callable[[p.Progress], dict[str, Any]]:
@@ -332,12 +477,12 @@ class CommandDispatcher:
         return data
 
     def _execute(
-        self, route: _Route, command: p.Command, work: Callable[[p.Progress], dict[str, Any]]
+        self, route: Route, command: p.Command, work: Callable[[p.Progress], dict[str, Any]]
     ) -> None:
         try:
             data = work(self._progress(route, command.id))
         except p.CommandFailed as err:
-            log.warning("command %s (%s) failed: %s", command.id, command.op, err.message)
+            log.warning("command %s (%s) failed: %r", command.id, command.op, err.message[:500])
             self._fail(route, command.id, err.code, err.message, err.data)
             if command.op in ("deploy", "rollback"):
                 self._changed({})
@@ -347,43 +492,60 @@ class CommandDispatcher:
         else:
             self._finish(route, command.id, data)
 
-    def _finish(self, route: _Route, command_id: str, data: dict[str, Any] | None) -> None:
-        self._recent.record(command_id, "done", p.ReplyCode.OK, "", data)
+    def _finish(self, route: Route, command_id: str, data: dict[str, Any] | None) -> None:
+        data = _printable(data)
+        self._try_record(command_id, "done", p.ReplyCode.OK, "", data)
         self._reply(route, command_id, "done", p.ReplyCode.OK, "", data)
 
     def _fail(
         self,
-        route: _Route,
+        route: Route,
         command_id: str,
         code: p.ReplyCode,
         message: str,
         data: dict[str, Any] | None = None,
     ) -> None:
-        self._recent.record(command_id, "failed", code, message, data)
+        message, data = _printable(message), _printable(data)
+        self._try_record(command_id, "failed", code, message, data)
         self._reply(route, command_id, "failed", code, message, data)
 
-    def _progress(self, route: _Route, command_id: str) -> p.Progress:
-        last: dict[str, Any] = {"stage": None, "percent": None, "at": 0.0}
+    def _try_record(
+        self,
+        command_id: str,
+        status: str,
+        code: p.ReplyCode,
+        message: str,
+        data: dict[str, Any] | None,
+    ) -> bool:
+        """Record a final outcome; a failure (disk full, record closed at stop) is
+        counted and logged, never raised: the reply is sent regardless."""
+        try:
+            self._recent.record(command_id, status, code, message, data)
+        except RecordError as exc:
+            self._unrecorded.count(status, f"{command_id}: {exc}")
+            return False
+        except Exception as exc:
+            self._unrecorded.count(status, f"{command_id}: {type(exc).__name__}: {exc}")
+            return False
+        return True
 
-        def report(stage: str, percent: float | None) -> None:
-            faults.at_stage(stage, percent)
-            now = time.monotonic()
-            if stage == last["stage"] and percent != 100.0:
-                if now - last["at"] < _PROGRESS_INTERVAL_S or percent == last["percent"]:
-                    return
-            last.update(stage=stage, percent=percent, at=now)
-            if percent is not None:
-                percent = float(percent)
-                percent = None if percent != percent else min(100.0, max(0.0, percent))
+    def _progress(self, route: Route, command_id: str) -> p.Progress:
+        def note(stage: str) -> None:
+            try:
+                self._recent.note_stage(command_id, stage)
+            except RecordError as exc:
+                self._unrecorded.count("stage", f"{command_id}: {exc}")
+
+        def send(stage: str, percent: float | None) -> None:
             self._reply(
                 route, command_id, "progress", p.ReplyCode.IN_PROGRESS, stage, None, stage, percent
             )
 
-        return report
+        return ProgressReporter(send, on_new_stage=note)
 
     def _reply(
         self,
-        route: _Route,
+        route: Route,
         command_id: str,
         status: ReplyStatus,
         code: p.ReplyCode,
@@ -391,32 +553,55 @@ class CommandDispatcher:
         data: dict[str, Any] | None = None,
         stage: str | None = None,
         percent: float | None = None,
-    ) -> None:
+        on_ack: AckCallback | None = None,
+    ) -> bool:
+        """Publish one reply; never raises. False when it could not be queued."""
         try:
-            reply = p.Reply(
+            payload = self._encode_reply(command_id, status, code, message, data, stage, percent)
+            queued = self._link.publish(
+                route.topic,
+                payload,
+                qos=1,
+                on_ack=on_ack,
+                correlation_data=route.correlation_data,
+            )
+        except Exception as exc:
+            self._unrecorded.count("reply_not_sent", f"{command_id}: {type(exc).__name__}")
+            return False
+        if not queued:
+            log.warning("could not queue the %s reply to %s", status, command_id)
+        return queued
+
+    def _encode_reply(
+        self,
+        command_id: str,
+        status: ReplyStatus,
+        code: p.ReplyCode,
+        message: str,
+        data: dict[str, Any] | None,
+        stage: str | None,
+        percent: float | None,
+    ) -> bytes:
+        try:
+            return p.Reply(
                 id=command_id,
                 device=self.device,
                 status=status,
                 code=code,
-                message=message,
+                message=_printable(message),
                 ts=self._clock(),
                 stage=stage,
                 percent=percent,
-                data=data,
-            )
-            payload = reply.to_bytes()
+                data=_printable(data),
+            ).to_bytes()
         except (ValueError, TypeError) as exc:
             # e.g. data a target returned that is not JSON: still answer.
             log.error("cannot encode the reply to %s: %s", command_id, exc)
-            payload = p.Reply(
+            return p.Reply(
                 id=command_id,
                 device=self.device,
                 status="failed",
                 code=p.ReplyCode.INTERNAL,
-                message=f"reply could not be encoded: {exc}",
+                message=_printable(f"reply could not be encoded: {exc}"),
                 ts=self._clock(),
             ).to_bytes()
-        if not self._link.publish(
-            route.topic, payload, qos=1, correlation_data=route.correlation_data
-        ):
-            log.warning("could not queue the %s reply to %s", status, command_id)

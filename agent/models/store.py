@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -53,14 +52,14 @@ from agent.models.manifest import (
     parse_manifest,
     verify_signature,
 )
-from agent.protocol import ReplyCode
+from agent.protocol import SAFE_ID_RE, ReplyCode
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 INCOMING_DIR = ".incoming"
 _COPY_CHUNK = 1 << 20
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SAFE = SAFE_ID_RE
 _NOTE_KEYS = ("version", "code", "message", "rolled_back_to")
 _NOTE_MAX = 500
 

@@ -1,0 +1,60 @@
+"""Progress replies of a long command, throttled so a fast download cannot flood
+the broker with one reply per chunk."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from agent.ops import faults
+
+PROGRESS_INTERVAL_S = 0.5
+
+# Sends one progress reply: (stage, percent clamped to 0..100, or None).
+SendProgress = Callable[[str, float | None], None]
+
+
+class ProgressReporter:
+    """A ``p.Progress`` callable for one command.
+
+    A new stage is always reported; within a stage, at most one report per
+    ``interval_s`` and none that repeats the last percent, except 100 %.
+    """
+
+    def __init__(
+        self,
+        send: SendProgress,
+        interval_s: float = PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        on_new_stage: Callable[[str], None] | None = None,
+    ) -> None:
+        self._send = send
+        self._on_new_stage = on_new_stage
+        self._interval_s = interval_s
+        self._clock = clock
+        self._stage: str | None = None
+        self._percent: float | None = None
+        self._at = 0.0
+
+    def __call__(self, stage: str, percent: float | None) -> None:
+        if stage != self._stage and self._on_new_stage is not None:
+            # Before the seam below, so a crash in this stage is known to be in it.
+            self._on_new_stage(stage)
+        # The crash-test seam: EDGE_AGENT_KILL_AT=<stage>[@percent] dies here.
+        faults.at_stage(stage, percent)
+        now = self._clock()
+        if stage == self._stage and percent != 100.0:
+            if now - self._at < self._interval_s or percent == self._percent:
+                return
+        self._stage, self._percent, self._at = stage, percent, now
+        self._send(stage, _clamped(percent))
+
+
+def _clamped(percent: float | None) -> float | None:
+    if percent is None:
+        return None
+    value = float(percent)
+    if math.isnan(value):
+        return None
+    return min(100.0, max(0.0, value))
