@@ -482,7 +482,7 @@ class CommandDispatcher:
         try:
             data = work(self._progress(route, command.id))
         except p.CommandFailed as err:
-            log.warning("command %s (%s) failed: %r", command.id, command.op, err.message[:500])
+            log.warning("command %s (%s) failed: %s", command.id, command.op, err.message[:500])
             self._fail(route, command.id, err.code, err.message, err.data)
             if command.op in ("deploy", "rollback"):
                 self._changed({})

@@ -265,15 +265,7 @@ class ModelStore:
 
     def _snapshot(self) -> dict[str, ModelRecord]:
         """A private copy of the records to change (opening the store on first use)."""
-        with self._lock:
-            records = self._records
-        if records is None:
-            self.open()
-            with self._lock:
-                records = self._records
-        assert records is not None
-        with self._lock:
-            return {n: r.copy() for n, r in records.items()}
+        return self.records
 
     # ------------------------------------------------------------------ queries
 
