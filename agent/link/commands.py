@@ -29,6 +29,7 @@ from agent import protocol as p
 from agent.config import AgentConfig
 from agent.link.base import AckCallback, Incoming, Link
 from agent.link.command_record import CommandRecord, RecordError, Route, Unfinished
+from agent.link.kind_counter import KindCounter
 from agent.link.lanes import Lane
 from agent.link.progress import ProgressReporter
 from agent.link.reply_routes import ReplyRoutes
@@ -82,37 +83,6 @@ def interrupted_outcome(op: str, stage: str | None) -> tuple[p.ReplyCode, str]:
 
 WORK_OPS = ("deploy", "restart")
 CONTROL_OPS = ("rollback", "config")
-
-
-class KindCounter:
-    """Events counted by kind; each kind logged the first time and then at every
-    power of ten, so a flood cannot flood the log. ``count`` never raises: it is
-    the last thing the commands thread does when everything else failed."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-
-    def count(self, kind: str, detail: str = "") -> None:
-        try:
-            with self._lock:
-                n = self._counts.get(kind, 0) + 1
-                self._counts[kind] = n
-            if _is_power_of_ten(n):
-                log.warning("%s: %d of kind %s; latest: %r", self._what, n, kind, detail[:200])
-        except Exception:
-            pass  # counting must not end the thread
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
-
-
-def _is_power_of_ten(n: int) -> bool:
-    while n > 1 and n % 10 == 0:
-        n //= 10
-    return n == 1
 
 
 def _printable(value: Any, depth: int = 0) -> Any:
