@@ -416,11 +416,7 @@ def arm_backstop(at: float, code: int = EXIT_STOP_OVERRAN) -> threading.Thread:
             code,
             ", ".join(running),
         )
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_now(code)
 
     thread = threading.Thread(target=wait_then_exit, name="stop-backstop", daemon=True)
     thread.start()
@@ -431,4 +427,18 @@ def run_agent(config_path: Path) -> int:
     live = LiveConfig.load(config_path, announce=False)
     logs.setup_logging(live.current.log_level, live.current.log_format)
     live.announce()
-    return Agent(live).run()
+    code = Agent(live).run()
+    # Everything is persisted and closed by now. The interpreter's own teardown runs
+    # native finalisers (TFLite interpreters, OpenCV) after daemon threads stop, where
+    # the backstop cannot end a hang; so the process ends here, not in Py_Finalize.
+    exit_now(code)
+    return code  # not reached
+
+
+def exit_now(code: int) -> None:
+    """End the process at once with ``code``, after flushing the logs."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

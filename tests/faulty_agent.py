@@ -4,11 +4,14 @@ process. A command whose whole payload is one of these words does that and is no
 otherwise handled:
 
 - ``stall-commands``: the commands thread blocks for good (a hung handler);
-- ``kill-outbox``: the outbox thread's next turn raises past its own ``except``.
+- ``kill-outbox``: the outbox thread's next turn raises past its own ``except``;
+- ``hang-at-exit``: something in the interpreter's own teardown blocks for good (an
+  atexit handler here; in the field, a native library's finaliser).
 """
 
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
 from typing import Any
@@ -31,6 +34,9 @@ _drain = Outbox._take_intake
 def handle(self: CommandDispatcher, incoming: Incoming) -> None:
     if incoming.payload == b"stall-commands":
         threading.Event().wait()
+    if incoming.payload == b"hang-at-exit":
+        atexit.register(threading.Event().wait)
+        return
     if incoming.payload == b"kill-outbox":
         _kill_outbox.set()
         return

@@ -268,6 +268,28 @@ def test_a_thread_that_dies_for_good_ends_the_process_non_zero(faulty_daemon: Da
     assert retained_state(d).online is False
 
 
+def test_a_hang_in_the_interpreters_teardown_does_not_delay_the_stop(
+    faulty_daemon: Daemon,
+) -> None:
+    d = faulty_daemon
+    d.notify.wait("READY=1")
+    wait_until(lambda: states(d), 10, "the first state")
+    publish(d.broker, "edge/pi-daemon/cmd", b"hang-at-exit")
+    # Commands are handled in order: once the ping is answered, the hang is armed.
+    publish(d.broker, "edge/pi-daemon/cmd", b'{"id": "after-hang", "op": "ping"}')
+
+    def answered() -> bool:
+        return any(
+            b'"after-hang"' in m.payload and b'"done"' in m.payload
+            for m in list(d.collector.messages)
+        )
+
+    wait_until(answered, 20, "the ping's reply")
+    code, took = sigterm_and_wait(d)
+    assert (code, took < 10) == (0, True), (code, took)
+    assert retained_state(d).online is False
+
+
 class SlowModelServer:
     """Serves a model file one byte every 0.2 s: a download that outlasts any stop."""
 
