@@ -20,8 +20,9 @@ from agent.models import runtime as rt
 from agent.models.manifest import Manifest, read_bundle
 from agent.protocol import Result
 from tests.converter_support import build_digits_bundle
+from tests.device_venv import DEVICE_RUNTIMES
 
-RUNTIMES = ["ai_edge_litert", "tflite_runtime"]
+RUNTIMES = DEVICE_RUNTIMES
 
 
 @pytest.fixture(scope="module")
