@@ -14,18 +14,24 @@ cd "$(dirname "$0")/.."
 
 : "${EDGE_TEST_MODELS:?EDGE_TEST_MODELS must name the prebuilt models (make test-pythons sets it)}"
 EXTRAS=litert,camera,metrics
-TEST_DEPS="pytest>=8 pytest-timeout>=2.2 hypothesis>=6"
+TEST_DEPS="pytest>=8 pytest-timeout>=2.2 hypothesis>=6 tomli>=2;python_version<'3.11'"
 # What needs TensorFlow or tflite-runtime (the converter's own tests, those runtimes):
 # left out here, run by `make test` in the main venv.
 LEFT_OUT=(-m "not workstation"
           --ignore=tests/test_converter_cli.py --ignore=tests/test_converter_convert.py)
 
 find_python() {
-    local ver=$1 var="PYTHON${1/./}" found
-    if [ -n "${!var:-}" ]; then echo "${!var}"; return 0; fi
-    if found=$(command -v "python$ver"); then echo "$found"; return 0; fi
-    found=$(ls -d "$HOME"/.pyenv/versions/"$ver".*/bin/python 2>/dev/null | sort -V | tail -n 1)
-    [ -n "$found" ] && echo "$found"
+    # The first candidate that runs and is that version (pyenv's shims exist for
+    # versions that are installed but not selected, and then fail).
+    local ver=$1 var="PYTHON${1/./}" candidate
+    for candidate in ${!var:-} "$(command -v "python$ver")" \
+        $(ls -d "$HOME"/.pyenv/versions/"$ver".*/bin/python 2>/dev/null | sort -rV); do
+        if [ -n "$candidate" ] && [ "$("$candidate" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = "$ver" ]; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
 }
 
 make_venv() {
