@@ -5,7 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := tflite,litert,camera,metrics,converter,dev
 
-.PHONY: setup test lint fmt typecheck bench demo mosquitto clean pi-check fuzz
+CONSTRAINTS := constraints/workstation.txt
+MODEL_CACHE ?= $(HOME)/.cache/edge-deploy
+
+.PHONY: setup test lint fmt typecheck bench demo mosquitto clean pi-check fuzz test-pythons
 
 setup: $(STAMP) mosquitto
 
@@ -14,8 +17,8 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # Reinstall only when the dependency lists change.
-$(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	$(PY) -m pip check
 	touch $@
 
@@ -37,11 +40,22 @@ test: setup
 	$(PY) -m mypy
 	$(PY) -m pytest
 
+# Not part of `make test`: the agent's tests on Python 3.10 (JetPack 6) and 3.13 (Pi OS
+# Trixie, numpy 2) in device venvs (.venv-py310, .venv-py313: litert,camera,metrics, no
+# TensorFlow, no tflite-runtime), with the models the tests build with TensorFlow made
+# first here in .venv (tests/prebuilt_models.py, cached under $(MODEL_CACHE)). Left out
+# there: tests/test_converter_*.py and tests marked `workstation`. Exits 77 when a Python
+# is missing. See scripts/test-pythons.sh and docs/device-check.md.
+test-pythons: setup
+	@models=$$(PYTHONPATH=$(CURDIR) $(PY) -m tests.prebuilt_models $(MODEL_CACHE) 2>.prebuilt-models.log) \
+		|| { cat .prebuilt-models.log; exit 1; }; rm -f .prebuilt-models.log; \
+		echo "prebuilt models: $$models"; EDGE_TEST_MODELS=$$models scripts/test-pythons.sh
+
 # Not part of `make test`: coverage-guided fuzzing (atheris) of every decoder of hostile
 # bytes, about 40 s per target; falls back to hypothesis with 20000 examples per target
 # where atheris cannot be installed. FUZZ_ARGS="--seconds 120 command" to focus.
 fuzz: $(STAMP)
-	@$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt -e ".[fuzz]" \
+	@$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[fuzz]" \
 		|| echo "atheris cannot be installed here: using hypothesis"
 	PYTHONPATH=$(CURDIR) $(PY) -m tests.fuzz.run $(FUZZ_ARGS)
 
@@ -59,4 +73,4 @@ pi-check: $(STAMP) mosquitto
 	PYTHONPATH=$(CURDIR) $(PY) tests/device/pi_check.py $(PI_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-py310 .venv-py313 .pytest_cache .mypy_cache .ruff_cache

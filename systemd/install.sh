@@ -16,16 +16,22 @@
 #                   `systemctl --root=DIR`, which only writes symlinks under DIR.
 #   --from PATH     a wheel (.whl) or a source directory; default: this script's repo
 #   --extra LIST    pip extras, comma-separated; default: the runtime for this Python
-#                   and machine (litert on 3.10-3.12 x86_64/aarch64, tflite on armv7l
+#                   and machine (litert on 3.10-3.13 x86_64/aarch64, tflite on armv7l
 #                   <= 3.11) plus camera (OpenCV)
 #   --python PY     interpreter for the venv (default python3)
-#   --constraints F pip constraints (default: constraints.txt next to --from, or this repo's)
+#   --constraints F pip constraints (default: the target's file in constraints/ of --from,
+#                   or of this repo, chosen from the OS and the Python: Jetson
+#                   (/etc/nv_tegra_release) jetpack6.txt, VERSION_CODENAME trixie
+#                   trixie.txt, bookworm bookworm-tflite.txt; when that file is not for
+#                   the Python, or the OS is another, by Python: 3.10 jetpack6.txt,
+#                   3.11 bookworm-tflite.txt, 3.12-3.13 trixie.txt)
 #   --system-site-packages   let the venv see apt's packages (python3-picamera2 on a Pi)
 #   --no-venv       skip creating the venv and pip; check the config with
 #                   `PY -m agent` instead (the agent must already import there)
 #   --no-systemctl  touch no systemd state at all (print what would run)
 #   --start         (re)start the service after installing
 #   --show-extras   print the extras chosen for --python and exit
+#   --show-constraints   print the constraints file chosen (and why) and exit
 # pip honours PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX ... for offline installs.
 set -eu
 
@@ -46,6 +52,7 @@ START=0
 UNINSTALL=0
 PURGE=0
 SHOW_EXTRAS=0
+SHOW_CONSTRAINTS=0
 
 die() { echo "install.sh: $*" >&2; exit 2; }
 
@@ -63,6 +70,7 @@ while [ $# -gt 0 ]; do
         --uninstall) UNINSTALL=1 ;;
         --purge) PURGE=1 ;;
         --show-extras) SHOW_EXTRAS=1 ;;
+        --show-constraints) SHOW_CONSTRAINTS=1 ;;
         -h|--help) sed -n '2,/^set -eu/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -140,23 +148,62 @@ mkdir_mode() {
     fi
 }
 
-choose_extras() {
-    # stdout: "3.11 aarch64" from the target interpreter, not from this shell's python.
+# Sets ver ("3.11"), minor (11) and machine from the target interpreter, not this shell's.
+probe_python() {
     probe=$("$PY" -c 'import platform, sys; print("%d.%d %s" % (sys.version_info[:2] + (platform.machine(),)))') \
         || die "cannot run $PY"
     set -- $probe
     ver=$1 machine=$2
     minor=${ver#3.}
     [ "${ver%%.*}" = 3 ] && [ "$minor" -ge 10 ] || die "Python $ver: edge-agent needs Python >= 3.10"
+}
+
+choose_extras() {
+    probe_python
     case $machine in
         x86_64|amd64|aarch64|arm64)
-            # ai-edge-litert (LiteRT) has wheels for 3.10-3.12 here and is the fastest runtime.
-            [ "$minor" -le 12 ] && { echo "litert,camera"; return; } ;;
+            # ai-edge-litert (LiteRT) has wheels for 3.10-3.13 here and is the fastest runtime.
+            [ "$minor" -le 13 ] && { echo "litert,camera"; return; } ;;
         armv7l|armv6l)
             # 32-bit Pi OS: only tflite-runtime 2.14 has wheels, up to Python 3.11.
             [ "$minor" -le 11 ] && { echo "tflite,camera"; return; } ;;
     esac
     die "no TFLite runtime wheels known for Python $ver on $machine: pass --python with another interpreter, or --extra"
+}
+
+# Whether a target's constraints are for this Python (its pins have wheels for it).
+target_fits() {
+    case $1:$minor in
+        jetpack6:10|bookworm-tflite:11|trixie:12|trixie:13) return 0 ;;
+    esac
+    return 1
+}
+
+# stdout: "TARGET WHY", TARGET naming constraints/TARGET.txt. The OS is the one being
+# installed into: under --root, the image's own /etc.
+choose_target() {
+    probe_python
+    codename=$(sed -n 's/^VERSION_CODENAME=//p' "$R/etc/os-release" 2>/dev/null | tr -d '"' | head -n 1)
+    if [ -e "$R/etc/nv_tegra_release" ]; then
+        target=jetpack6 os="Jetson"
+    else
+        case $codename in
+            trixie) target=trixie os="Debian trixie" ;;
+            bookworm) target=bookworm-tflite os="Debian bookworm" ;;
+            *) target= os=${codename:-an unknown OS} ;;
+        esac
+    fi
+    if [ -n "$target" ] && target_fits "$target"; then
+        echo "$target $os, Python $ver"
+        return
+    fi
+    for t in jetpack6 bookworm-tflite trixie; do
+        if target_fits "$t"; then
+            echo "$t Python $ver (on $os)"
+            return
+        fi
+    done
+    die "no constraints for Python $ver (constraints/ has files for 3.10 to 3.13): pass --constraints"
 }
 
 # --------------------------------------------------------------------- uninstall
@@ -219,11 +266,16 @@ ensure_user() {
 
 install_venv() {
     if [ -z "$CONSTRAINTS" ]; then
-        if [ -d "$FROM" ] && [ -f "$FROM/constraints.txt" ]; then
-            CONSTRAINTS=$FROM/constraints.txt
+        chosen=$(choose_target) || exit 2
+        set -- $chosen
+        target=$1
+        shift
+        if [ -d "$FROM" ] && [ -f "$FROM/constraints/$target.txt" ]; then
+            CONSTRAINTS=$FROM/constraints/$target.txt
         else
-            CONSTRAINTS=$REPO/constraints.txt
+            CONSTRAINTS=$REPO/constraints/$target.txt
         fi
+        say "constraints: $CONSTRAINTS (for $*)"
     fi
     [ -f "$CONSTRAINTS" ] || die "constraints file not found: $CONSTRAINTS"
     case $FROM in
@@ -311,6 +363,14 @@ enable_service() {
 
 if [ "$SHOW_EXTRAS" = 1 ]; then
     choose_extras
+    exit 0
+fi
+if [ "$SHOW_CONSTRAINTS" = 1 ]; then
+    chosen=$(choose_target) || exit 2
+    set -- $chosen
+    echo "constraints/$1.txt"
+    shift
+    echo "for $*"
     exit 0
 fi
 if [ "$HOST" = 1 ] && [ "$(id -u)" != 0 ]; then

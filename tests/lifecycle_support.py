@@ -20,8 +20,11 @@ from agent.loops.frames import Frame, FrameQueue
 from agent.loops.worker import InferenceResult, InferenceWorker
 from agent.models import manifest as mf
 from agent.models import runtime as rt
+from tests.device_venv import DEVICE_RUNTIMES
+from tests.model_factory import prebuilt
 
-RUNTIMES = ["ai_edge_litert", "tflite_runtime"]
+RUNTIMES = DEVICE_RUNTIMES
+NAN_MODEL = "nan-8x8x1-10.tflite"
 FAULTS_SCRIPT = Path(__file__).with_name("validator_faults.py")
 
 
@@ -84,6 +87,8 @@ def make_bundle(
 
 def build_nan_classifier(dest: Path) -> Path:
     """A float model shaped like the tiny float classifier whose outputs are all NaN."""
+    if copied := prebuilt(NAN_MODEL, dest):
+        return copied
     import tensorflow as tf
 
     inp = tf.keras.Input((8, 8, 1))

@@ -2,15 +2,51 @@
 
 TensorFlow is imported lazily, and after the TFLite runtimes (see conftest), since
 importing it first breaks every tflite_runtime Interpreter in the process.
+
+With ``EDGE_TEST_MODELS`` set (`make test-pythons`, whose venvs have no TensorFlow), each
+builder copies the file tests/prebuilt_models.py made for the same arguments instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+
+PREBUILT_ENV = "EDGE_TEST_MODELS"
+
+
+def prebuilt(name: str, dest: Path) -> Path | None:
+    """``dest`` as a copy of the prebuilt model (file or bundle directory) ``name``, or
+    None when no prebuilt models are given: the caller builds it with TensorFlow."""
+    root = os.environ.get(PREBUILT_ENV)
+    if not root:
+        return None
+    src = Path(root) / name
+    if not src.exists():
+        raise FileNotFoundError(
+            f"{src}: no such prebuilt model ({PREBUILT_ENV}={root}); "
+            "tests/prebuilt_models.py must build it (list it in MODELS there)"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+    else:
+        shutil.copyfile(src, dest)
+    return dest
+
+
+def tiny_name(input_shape: tuple[int, ...], classes: int, int8: bool, seed: int) -> str:
+    shape = "x".join(map(str, input_shape))
+    return f"tiny-{'int8' if int8 else 'float'}-{shape}-{classes}-seed{seed}.tflite"
+
+
+def slow_name(input_shape: tuple[int, ...], classes: int, layers: int) -> str:
+    return f"slow-{'x'.join(map(str, input_shape))}-{classes}-layers{layers}.tflite"
 
 
 def build_tiny_classifier(
@@ -22,6 +58,8 @@ def build_tiny_classifier(
     seed: int = 0,
 ) -> Path:
     """A conv + dense classifier as a .tflite file (full-integer int8 unless ``int8=False``)."""
+    if copied := prebuilt(tiny_name(input_shape, classes, int8, seed), dest):
+        return copied
     import tensorflow as tf
 
     tf.keras.utils.set_random_seed(seed)
@@ -58,6 +96,8 @@ def build_slow_classifier(
 ) -> Path:
     """The tiny classifier's inputs and outputs (full-integer int8) behind ``layers``
     wide convolutions: a real model that does the same job many times slower."""
+    if copied := prebuilt(slow_name(input_shape, classes, layers), dest):
+        return copied
     import tensorflow as tf
 
     tf.keras.utils.set_random_seed(1)

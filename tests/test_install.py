@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "systemd/install.sh"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 CHANGES = ("installed:", "updated:", "created:", "removed:", "enabled:", "mode ")
+# The constraints install.sh takes for this interpreter under a --root without /etc.
+BY_PYTHON = {10: "jetpack6", 11: "bookworm-tflite", 12: "trixie", 13: "trixie"}
+OWN_CONSTRAINTS = ROOT / f"constraints/{BY_PYTHON[sys.version_info[1]]}.txt"
 
 
 def install(
@@ -71,9 +74,11 @@ def test_install_produces_the_expected_tree(tmp_path: Path) -> None:
     for d in ("etc/edge-agent", "etc/edge-agent/keys", "var/lib/edge-agent", "var/log/edge-agent"):
         assert ((root / d).stat().st_mode & 0o777) == 0o750, d
     assert (root / "etc/edge-agent/keys/example.pub").is_file()
-    assert (root / "opt/edge-agent/constraints.txt").read_text() == (
-        ROOT / "constraints.txt"
-    ).read_text()
+    assert (root / "opt/edge-agent/constraints.txt").read_text() == OWN_CONSTRAINTS.read_text()
+    assert (
+        f"constraints: {OWN_CONSTRAINTS} (for Python 3.{sys.version_info[1]} (on an unknown OS))"
+        in out
+    )
     assert (root / "opt/edge-agent/docs/operations.md").is_file()  # the unit's Documentation=
     # The installed config was checked, and host changes were only printed.
     assert f"{config}: ok (device pi-kitchen-01, 2 pipeline(s))" in out
@@ -169,7 +174,8 @@ def test_reinstall_after_uninstall_keeps_the_old_config(installed: Path) -> None
         ("3.10", "aarch64", "litert,camera"),  # Jetson, JetPack 6 (Ubuntu 22.04)
         ("3.12", "x86_64", "litert,camera"),
         ("3.11", "armv7l", "tflite,camera"),  # 32-bit Pi OS
-        ("3.13", "aarch64", None),
+        ("3.13", "aarch64", "litert,camera"),  # Pi OS Trixie
+        ("3.14", "aarch64", None),
         ("3.12", "armv7l", None),
         ("3.9", "aarch64", None),
     ],
@@ -192,6 +198,78 @@ def test_runtime_extra_follows_python_and_machine(
         assert result.stdout.strip() == extras
 
 
+@pytest.mark.parametrize(
+    ("os_files", "version", "constraints", "why"),
+    [
+        (
+            {"os-release": 'VERSION_CODENAME="trixie"\n'},
+            "3.13",
+            "trixie",
+            "Debian trixie, Python 3.13",
+        ),
+        (
+            {"os-release": "VERSION_CODENAME=bookworm\n"},
+            "3.11",
+            "bookworm-tflite",
+            "Debian bookworm",
+        ),
+        (
+            {"os-release": "VERSION_CODENAME=jammy\n", "nv_tegra_release": "# R36 (release)\n"},
+            "3.10",
+            "jetpack6",
+            "Jetson, Python 3.10",
+        ),
+        # The OS's file is not for this Python: the Python decides, and says so.
+        (
+            {"os-release": "VERSION_CODENAME=bookworm\n"},
+            "3.13",
+            "trixie",
+            "Python 3.13 (on Debian bookworm)",
+        ),
+        ({"os-release": "VERSION_CODENAME=noble\n"}, "3.12", "trixie", "Python 3.12 (on noble)"),
+        ({"os-release": "VERSION_CODENAME=jammy\n"}, "3.10", "jetpack6", "Python 3.10 (on jammy)"),
+        ({}, "3.11", "bookworm-tflite", "Python 3.11 (on an unknown OS)"),
+    ],
+)
+def test_constraints_follow_the_os_and_python(
+    tmp_path: Path, os_files: dict[str, str], version: str, constraints: str, why: str
+) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for name, text in os_files.items():
+        (root / "etc" / name).write_text(text)
+    fake = tmp_path / "python3"
+    fake.write_text(f"#!/bin/sh\necho '{version} aarch64'\n")
+    fake.chmod(0o755)
+    shown = subprocess.run(
+        [str(INSTALL), "--root", str(root), "--show-constraints", "--python", str(fake)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[0] == f"constraints/{constraints}.txt"
+    assert why in shown.stdout.splitlines()[1]
+    assert (ROOT / "constraints" / f"{constraints}.txt").is_file()
+    # The install itself copies that file and says which.
+    result = install(root, "--python", str(fake), "--extra", "litert")
+    assert f"constraints: {ROOT}/constraints/{constraints}.txt (for " in result.stdout, (
+        result.stderr
+    )
+    installed = root / "opt/edge-agent/constraints.txt"
+    assert installed.read_text() == (ROOT / f"constraints/{constraints}.txt").read_text()
+
+
+def test_constraints_for_an_unsupported_python_are_refused(tmp_path: Path) -> None:
+    fake = tmp_path / "python3"
+    fake.write_text("#!/bin/sh\necho '3.14 aarch64'\n")
+    fake.chmod(0o755)
+    result = subprocess.run(
+        [str(INSTALL), "--root", str(tmp_path), "--show-constraints", "--python", str(fake)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "no constraints for Python 3.14" in result.stderr
+
+
 def test_extra_override_and_wheel_source(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
@@ -201,7 +279,8 @@ def test_extra_override_and_wheel_source(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"'{wheel}[tflite]'" in result.stdout
     # A wheel brings no constraints file: the repo's is used.
-    assert (root / "opt/edge-agent/constraints.txt").is_file()
+    assert f"constraints: {OWN_CONSTRAINTS} (for " in result.stdout
+    assert (root / "opt/edge-agent/constraints.txt").read_text() == OWN_CONSTRAINTS.read_text()
 
 
 def test_unknown_option_and_missing_source_are_named(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ from agent.models import runtime as rt
 from agent.models.manifest import Manifest, read_bundle
 from agent.protocol import Result
 from tests.converter_support import build_digits_bundle
+from tests.device_venv import DEVICE_RUNTIMES
 
-RUNTIMES = ["ai_edge_litert", "tflite_runtime"]
+RUNTIMES = DEVICE_RUNTIMES
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +217,8 @@ def write_clip(path: Path, frames: int) -> Path:
 
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 48))
     for i in range(frames):
-        writer.write(np.full((48, 64, 3), 5 * i, np.uint8))
+        # Wrapped by hand: numpy 2 refuses a Python int out of uint8's range (NEP 50).
+        writer.write(np.full((48, 64, 3), (5 * i) % 256, np.uint8))
     writer.release()
     return path
 

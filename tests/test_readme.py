@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
-import tomllib
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (make test-pythons): the same parser, as a package
+    import tomli as tomllib
 
 from agent.cli import build_parser as agent_parser
 from converter.cli import build_parser as convert_parser
@@ -62,3 +67,11 @@ def test_pip_extras_exist() -> None:
         if line.startswith("pip install"):
             for spec in re.findall(r"edge-deploy\[([a-z,]+)\]", line):
                 assert set(spec.split(",")) <= extras, line
+
+
+def test_every_constraints_file_has_its_install_row() -> None:
+    files = {f"constraints/{p.name}" for p in (ROOT / "constraints").glob("*.txt")}
+    named = {c for line in LINES for c in re.findall(r"-c (constraints/\S+)", line)}
+    named |= set(re.findall(r"pip install -c (constraints/\S+)", README))
+    assert files == named, (files, named)
+    assert "constraints.txt" not in re.sub(r"constraints/[a-z0-9-]+\.txt", "", README)

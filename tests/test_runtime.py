@@ -6,20 +6,21 @@ import numpy as np
 import pytest
 
 from agent.models import runtime as rt
+from tests.device_venv import DEVICE_RUNTIMES
 
 INSTALLED = [r.name for r in rt.available_runtimes()]
-DEVICE_RUNTIMES = [n for n in ("ai_edge_litert", "tflite_runtime") if n in INSTALLED]
 
 
-def test_both_device_runtimes_are_installed_for_the_tests() -> None:
-    # The lifecycle is tested on both; a missing one would silently shrink coverage.
-    assert DEVICE_RUNTIMES == ["ai_edge_litert", "tflite_runtime"]
+def test_the_device_runtimes_expected_here_are_installed() -> None:
+    # The lifecycle is tested on each; a missing one would silently shrink coverage.
+    assert [n for n in INSTALLED if n != "tensorflow"] == DEVICE_RUNTIMES
 
 
 def test_auto_picks_the_fastest_installed() -> None:
     assert rt.select_runtime("auto").name == INSTALLED[0] == "ai_edge_litert"
 
 
+@pytest.mark.workstation
 def test_tensorflow_lite_runtime_loads_too(tiny_int8_model: Path) -> None:
     # The workstation fallback: conftest imported the device runtimes first.
     loaded = rt.load_model(tiny_int8_model, runtime="tensorflow")
@@ -52,6 +53,7 @@ def int8_outputs(model: Path, runtime: str, x: np.ndarray) -> np.ndarray:
     return np.asarray(m.interpreter.get_tensor(m.outputs[0].index)).astype(int)
 
 
+@pytest.mark.workstation
 def test_runtimes_agree_on_the_same_model(tiny_int8_model: Path) -> None:
     # The two device runtimes against each other, on inputs that spread over the range.
     assert len(DEVICE_RUNTIMES) == 2
@@ -62,6 +64,7 @@ def test_runtimes_agree_on_the_same_model(tiny_int8_model: Path) -> None:
         assert np.abs(litert - tflite).max() <= 1, (litert, tflite)
 
 
+@pytest.mark.workstation
 @pytest.mark.parametrize("name", DEVICE_RUNTIMES)
 def test_runtime_int8_output_follows_the_float_model(
     name: str, tiny_int8_model: Path, tiny_float_model: Path

@@ -17,6 +17,7 @@ import yaml
 from agent.models.store import ModelStore
 from agent.ops.sdnotify import Notifier, watchdog_interval_s
 from agent.threads import SYSCALLS
+from tests.device_venv import DEVICE_RUNTIMES
 from tests.lifecycle_support import manifest_for
 from tests.mqtt_support import Broker, MessageCollector
 
@@ -75,7 +76,7 @@ import numpy as np
 libc = ctypes.CDLL(None, use_errno=True)
 if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
     print("no-mdwe"); sys.exit(0)
-for name in ("ai_edge_litert", "tflite_runtime"):
+for name in sys.argv[2:]:
     mod = __import__(name + ".interpreter", fromlist=["Interpreter"])
     it = mod.Interpreter(model_path=sys.argv[1], num_threads=2)
     it.allocate_tensors()
@@ -90,7 +91,7 @@ print("ok")
 def test_runtimes_work_with_memory_deny_write_execute(tiny_int8_model: Path) -> None:
     """What MemoryDenyWriteExecute=yes enforces, applied with prctl(PR_SET_MDWE)."""
     result = subprocess.run(
-        [sys.executable, "-c", MDWE_PROBE, str(tiny_int8_model)],
+        [sys.executable, "-c", MDWE_PROBE, str(tiny_int8_model), *DEVICE_RUNTIMES],
         capture_output=True,
         text=True,
         timeout=120,

@@ -221,6 +221,10 @@ class UrlFetcher:
         size = delivery.size
         while True:
             delivery.check()
+            if resp.isclosed():
+                # Python 3.13's read1 closes the connection as the body's last byte arrives,
+                # and a closed socket refuses settimeout (EBADF): that is the end, not an error.
+                return have
             sock = sockets.latest()
             if sock is not None:
                 # One read never outlasts the deadline (nor the stall timeout).

@@ -570,7 +570,7 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
         with steps.step("wheel"):
             wheel = build_wheel(workdir / "wheel")
             shutil.copy2(wheel, edge / wheel.name)
-            shutil.copy2(ROOT / "constraints.txt", edge / "constraints.txt")
+            shutil.copy2(ROOT / "constraints/bookworm-tflite.txt", edge / "constraints.txt")
         versions: dict[str, Any] = {}
         for extra in RUNTIMES:
             with steps.step(f"venv_{extra}"):
