@@ -22,6 +22,7 @@ Prints ONE JSON line. Exit 0 passed, 1 failed, 77 skipped (one line on stderr sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,33 @@ def group_ids(root: Path) -> dict[str, tuple[int, list[str]]]:
     return found
 
 
+@contextlib.contextmanager
+def without_venv_module(root: Path) -> Iterator[list[Path]]:
+    """The Python without python3-venv that a fresh Debian (and a Pi OS where it was removed)
+    has: the ensurepip module python3.X-venv installs is moved aside, and put back after."""
+    hidden = []
+    try:
+        for module in sorted(root.glob("usr/lib/python3.*/ensurepip")):
+            aside = module.with_name("ensurepip.hidden-by-install-check")
+            module.rename(aside)
+            hidden.append(module)
+        yield hidden
+    finally:
+        for module in hidden:
+            module.with_name("ensurepip.hidden-by-install-check").rename(module)
+
+
+def check_without_venv_module(root: Path, code: int, out: str, err: str) -> list[str]:
+    """install.sh on a Python without venv: it stops early, naming the package, and has not
+    installed the unit or the config yet."""
+    p: list[str] = []
+    expect(p, code == 2, f"exit {code}, not 2")
+    expect(p, "apt install python3-venv" in err, f"python3-venv not named: {err.strip()[-300:]}")
+    for left in (f"etc/systemd/system/{NAME}.service", f"etc/{NAME}/agent.yaml"):
+        expect(p, not (root / left).exists(), f"/{left} installed before the venv was made")
+    return p
+
+
 def check_first_run(
     root: Path, code: int, out: str, err: str, calls: list[str], report: dict[str, Any]
 ) -> list[str]:
@@ -410,10 +438,19 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
                                  "constraints": constraints.read_text().count("==")}  # fmt: skip
             report["wheelhouse"] = fill_wheelhouse(chroot, spec, constraints)
         installer = Installer(chroot, wheel, workdir / "install.log")
-        problems: list[str] = []
+        # The documented first step, `apt install python3-venv`, forgotten: install.sh must
+        # stop naming it, and the next run (package installed) must make the venv anew.
+        with steps.step("install_without_venv_module"), without_venv_module(root) as hidden:
+            if not hidden:
+                raise Failed("no ensurepip module in the rootfs (is python3-venv in it?)")
+            code, out, err, _ = installer.run()
+        problems = check_without_venv_module(root, code, out, err)
+        if problems:
+            raise Failed("without python3-venv: " + "; ".join(problems))
         with steps.step("install"):
             code, out, err, calls = installer.run()
-        problems += check_first_run(root, code, out, err, calls, report)
+        problems = check_first_run(root, code, out, err, calls, report)
+        expect(problems, f"created: /opt/{NAME}/venv (" in out, "the half-made venv was kept")
         if code == 0:
             with steps.step("venv_check"):
                 problems += check_venv(chroot, report.get("extras", ""), report)
