@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -123,11 +124,35 @@ RUNTIME_PROBE = (
 )
 
 
-def use_suite(suite: str) -> None:
-    """Point pi_check's rootfs recipe at ``suite``. pi_check keeps the suite in its module
-    constant SUITE (it names the mirror, the recipe's cache key and the tarball); this is the
-    one place that sets it, so a suite parameter in pi_check replaces only this function."""
-    pi_check.SUITE = suite
+# pi_check as on main keeps the suite in its module constant SUITE (bookworm); the trixie
+# branch's takes it as a parameter and holds its own binfmt_misc mount. The three functions
+# below are the only places that differ, so either pi_check works here.
+
+
+def rootfs_from_cache(root: Path, cache: Path, suite: str) -> bool:
+    """pi_check's rootfs, for ``suite``: extracted from its cache, built on a miss."""
+    fn: Any = pi_check.rootfs_from_cache
+    if "suite" in inspect.signature(fn).parameters:
+        return bool(fn(root, cache, suite))
+    if suite != pi_check.SUITE:
+        raise Failed(f"this pi_check builds only {pi_check.SUITE}, not {suite}")
+    return bool(fn(root, cache))
+
+
+def hold_binfmt(workdir: Path, mounts: Mounts) -> None:
+    """A binfmt_misc mount of our own while we run, where pi_check has it: another check
+    unmounting the shared one then no longer drops qemu-aarch64 under our feet."""
+    hold = getattr(pi_check, "hold_binfmt", None)
+    if hold is not None:
+        hold(workdir, mounts)
+
+
+def keep_shared_binfmt(binfmt_dir: Path, mounts: Mounts, report: dict[str, Any]) -> None:
+    """Leave the shared binfmt_misc mounted (if we mounted it) while other checks run."""
+    others = getattr(pi_check, "other_checks_running", None)
+    if others is not None and binfmt_dir in mounts.mounted and (pids := others()):
+        mounts.mounted.remove(binfmt_dir)
+        report["binfmt_misc"] = f"left mounted: other checks are running ({pids})"
 
 
 class Installer:
@@ -316,6 +341,8 @@ def check_first_run(
     ready = re.search(r"^venv ready: (\S+) \[([^\]]*)\]$", out, re.M)
     extras = ready.group(2) if ready else ""
     report["extras"] = extras
+    chosen = re.search(r"^constraints: (\S+) \(for (.*)\)$", out, re.M)  # install.sh names it
+    report["constraints"] = chosen.group(1, 2) if chosen else "not named by install.sh"
     expect(p, ready is not None and ready.group(1) == f"/opt/{NAME}/venv", "no 'venv ready' line")
 
     # systemd: reload and enable asked for, nothing started without --start.
@@ -415,8 +442,9 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
             pi_check.ensure_binfmt_mounted(args.binfmt_dir, mounts)
             report["installed"] = pi_check.ensure_host_tools()
             pi_check.enable_qemu_aarch64(args.binfmt_dir)
+            hold_binfmt(workdir, mounts)
         with steps.step("rootfs"):
-            hit = pi_check.rootfs_from_cache(root, args.cache)
+            hit = rootfs_from_cache(root, args.cache, args.suite)
             report["rootfs_cache"] = "hit" if hit else "miss"
         chroot = Chroot(root, args.qemu_cpu)
         with steps.step("chroot_setup"):
@@ -478,6 +506,7 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
             if failed and log.is_file():
                 tail = log.read_text(errors="replace").strip().splitlines()[-30:]
                 print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
+            keep_shared_binfmt(args.binfmt_dir, mounts, report)
             stuck = mounts.unmount_all(root)
             if stuck or pi_check.mounted_under(workdir):
                 still = stuck or pi_check.mounted_under(workdir)
@@ -516,7 +545,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    use_suite(args.suite)
     steps = Steps()
     report: dict[str, Any] = {
         "check": "install-check",
