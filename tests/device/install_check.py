@@ -431,6 +431,31 @@ def check_second_run(
     return p
 
 
+def check_uninstall(root: Path, out: str, calls: list[str], purged: bool) -> list[str]:
+    """--uninstall: the service disabled and its files gone; config, state and the user kept,
+    except with --purge."""
+    p: list[str] = []
+    expect(p, out.strip().endswith("edge-agent uninstalled"), "did not end 'uninstalled'")
+    if not purged:
+        expect(p, f"systemctl disable --now {NAME}.service" in calls, f"no disable: {calls}")
+        expect(p, "systemctl daemon-reload" in calls, f"no daemon-reload: {calls}")
+    gone = [f"etc/systemd/system/{NAME}.service", f"opt/{NAME}",
+            f"etc/systemd/system/multi-user.target.wants/{NAME}.service"]  # fmt: skip
+    kept = [f"etc/{NAME}/agent.yaml", f"var/lib/{NAME}", f"var/log/{NAME}"]
+    if purged:
+        gone, kept = gone + kept + [f"etc/{NAME}"], []
+    for path in gone:
+        expect(p, not (root / path).exists() and not (root / path).is_symlink(), f"/{path} left")
+    for path in kept:
+        expect(p, (root / path).exists(), f"/{path} removed without --purge")
+    user = account(root, NAME) is not None
+    expect(p, user != purged, f"user {NAME} {'left by --purge' if user else 'removed'}")
+    if purged:
+        members = {g: m for g, (_, m) in group_ids(root).items() if NAME in m or g == NAME}
+        expect(p, not members, f"{NAME} left in /etc/group: {sorted(members)}")
+    return p
+
+
 def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> None:
     mounts = Mounts()
     workdir = Path(tempfile.mkdtemp(prefix="install-check-", dir=args.workdir))
@@ -499,6 +524,18 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
         problems = check_second_run(before, snapshot(root), out, calls, device)
         if problems:
             raise Failed("second run: " + "; ".join(problems))
+
+        with steps.step("uninstall"):
+            for flags in (["--uninstall"], ["--uninstall", "--purge"]):
+                code, out, err, calls = installer.run(*flags)
+                what = " ".join(flags)
+                if code != 0:
+                    raise Failed(f"{what}: exit {code}: " + " | ".join(
+                        (out + err).strip().splitlines()[-6:]))  # fmt: skip
+                problems = check_uninstall(root, out, calls, purged="--purge" in flags)
+                if problems:
+                    raise Failed(f"{what}: " + "; ".join(problems))
+                report[f"calls_{what.replace('--', '').replace(' ', '_')}"] = calls
         failed = False
     finally:
         with steps.step("cleanup"):
