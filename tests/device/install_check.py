@@ -70,35 +70,41 @@ INSTALLED = (
 # The runtime each extra must give the agent.
 RUNTIME_OF_EXTRA = {"litert": "ai_edge_litert", "tflite": "tflite_runtime"}
 
-SYSTEMCTL_STUB = f"""#!/bin/sh
+
+def systemctl_stub(unit_dir: str = "/etc/systemd/system", calls: str = CALLS) -> str:
+    """install-check's systemctl (a shell script), acting on ``unit_dir``, logging to ``calls``."""
+    return f"""#!/bin/sh
 # install-check's systemctl: this chroot has no systemd. Every call is logged; enable,
 # disable and is-enabled act on the unit's [Install] WantedBy= symlinks as systemctl does
 # offline; daemon-reload, start, restart ... only log, as systemctl does in a chroot.
-echo "systemctl $*" >> {CALLS}
+echo "systemctl $*" >> {calls}
+dir={unit_dir}
 verb=$1
 [ $# -gt 0 ] && shift
 unit=
 for a in "$@"; do case $a in -*) ;; *) unit=$a ;; esac; done
-file=/etc/systemd/system/$unit
+file=$dir/$unit
 wants() {{ sed -n 's/^WantedBy=//p' "$file" 2>/dev/null | tr ' ' '\\n' | sed '/^$/d'; }}
 case $verb in
     enable)
         [ -f "$file" ] || {{ echo "Failed to enable unit: $unit does not exist." >&2; exit 1; }}
         for t in $(wants); do
-            mkdir -p "/etc/systemd/system/$t.wants"
-            ln -sf "$file" "/etc/systemd/system/$t.wants/$unit"
-            echo "Created symlink /etc/systemd/system/$t.wants/$unit -> $file." >&2
+            mkdir -p "$dir/$t.wants"
+            ln -sf "$file" "$dir/$t.wants/$unit"
+            echo "Created symlink $dir/$t.wants/$unit -> $file." >&2
         done ;;
     disable)
-        for t in $(wants); do rm -f "/etc/systemd/system/$t.wants/$unit"; done ;;
+        for t in $(wants); do rm -f "$dir/$t.wants/$unit"; done ;;
     is-enabled)
         for t in $(wants); do
-            [ -L "/etc/systemd/system/$t.wants/$unit" ] && {{ echo enabled; exit 0; }}
+            [ -L "$dir/$t.wants/$unit" ] && {{ echo enabled; exit 0; }}
         done
         echo disabled; exit 1 ;;
 esac
 exit 0
 """
+
+
 ANALYZE_STUB = f"""#!/bin/sh
 # install-check's systemd-analyze: this chroot has no systemd; the call is only logged.
 echo "systemd-analyze $*" >> {CALLS}
@@ -202,7 +208,7 @@ def copy_checkout(dest: Path) -> int:
 def install_stubs(root: Path) -> dict[str, str]:
     """Stub systemctl and systemd-analyze where the chroot has none; returns what each is."""
     what = {}
-    for tool, text in (("systemctl", SYSTEMCTL_STUB), ("systemd-analyze", ANALYZE_STUB)):
+    for tool, text in (("systemctl", systemctl_stub()), ("systemd-analyze", ANALYZE_STUB)):
         real = [d for d in ("usr/bin", "bin", "usr/sbin", "sbin") if (root / d / tool).exists()]
         if real:
             what[tool] = f"real (/{real[0]}/{tool})"
@@ -226,11 +232,18 @@ def planned_install(chroot: Chroot, wheel: str) -> tuple[str, Path]:
                        "--no-systemctl", "--from", wheel)  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     # It ends with a failed config check (the system python has no agent): only the plan counts.
-    plan = re.search(r"^skipped \(--no-venv\):.* -c (\S+) '([^']+)'$", proc.stdout, re.M)
+    plan = parse_plan(proc.stdout)
     if plan is None:
         raise Failed(f"install.sh --root --no-venv printed no pip plan: {proc.stdout[-400:]}"
                      f" {proc.stderr[-400:]}")  # fmt: skip
-    return plan.group(2), chroot.root / plan.group(1).lstrip("/")
+    constraints, spec = plan
+    return spec, chroot.root / constraints.lstrip("/")
+
+
+def parse_plan(stdout: str) -> tuple[str, str] | None:
+    """(constraints path, pip spec) from install.sh's ``skipped (--no-venv): ...`` line."""
+    plan = re.search(r"^skipped \(--no-venv\):.* -c (\S+) '([^']+)'$", stdout, re.M)
+    return None if plan is None else (plan.group(1), plan.group(2))
 
 
 def fill_wheelhouse(chroot: Chroot, spec: str, constraints: Path) -> str:
