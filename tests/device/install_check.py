@@ -227,7 +227,11 @@ def planned_install(chroot: Chroot, wheel: str) -> tuple[str, Path]:
     machine) and copies the constraints file it picks. Returns (spec, constraints in the
     chroot's dry-run root, as a host path)."""
     dry = f"{SCRATCH}/dry-root"
-    (chroot.root / dry.lstrip("/")).mkdir(parents=True)
+    (chroot.root / dry.lstrip("/") / "etc").mkdir(parents=True)
+    # install.sh picks the constraints from the OS it installs into: under --root, DIR/etc.
+    release = chroot.root / "etc/os-release"  # a relative link into usr/lib: stays in the root
+    if release.exists():
+        shutil.copyfile(release, chroot.root / dry.lstrip("/") / "etc/os-release")
     argv = chroot.argv(f"{CHECKOUT}/systemd/install.sh", "--root", dry, "--no-venv",
                        "--no-systemctl", "--from", wheel)  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
