@@ -8,7 +8,7 @@ EXTRAS := tflite,litert,camera,metrics,converter,dev
 CONSTRAINTS := constraints/workstation.txt
 MODEL_CACHE ?= $(HOME)/.cache/edge-deploy
 
-.PHONY: setup test lint fmt typecheck bench demo mosquitto clean pi-check fuzz test-pythons
+.PHONY: setup test lint fmt typecheck bench demo mosquitto clean pi-check install-check fuzz test-pythons
 
 setup: $(STAMP) mosquitto
 
@@ -71,6 +71,12 @@ bench: setup
 # Needs root; exits 77 when the machine cannot emulate arm64. See docs/device-check.md.
 pi-check: $(STAMP) mosquitto
 	PYTHONPATH=$(CURDIR) $(PY) tests/device/pi_check.py $(PI_CHECK_ARGS)
+
+# Not part of `make test`: systemd/install.sh run for real in a fresh copy of pi-check's
+# rootfs (systemctl stubbed), then the unit, user, venv, config and a second run checked.
+# Needs root; exits 77 when the machine cannot emulate arm64. See docs/device-check.md.
+install-check: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) tests/device/install_check.py $(INSTALL_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-py310 .venv-py313 .pytest_cache .mypy_cache .ruff_cache

@@ -288,8 +288,11 @@ install_venv() {
         say "skipped (--no-venv): $PY -m venv${SITE:+ $SITE} $VENV; $VENV/bin/pip install -c $OPT/constraints.txt '$spec'"
         return 0
     fi
-    if [ ! -x "$VENV/bin/python" ]; then
-        "$PY" -m venv $SITE "$VENV"
+    # Without pip the venv is one `python3 -m venv` left half-made (Debian and Pi OS create
+    # bin/python, then fail when python3-venv is missing): made again, not used as it is.
+    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+        "$PY" -m venv --clear $SITE "$VENV" \
+            || die "$PY -m venv failed: install its venv module (Debian, Ubuntu, Pi OS: apt install python3-venv), then run this again"
         say "created: $VENV ($($VENV/bin/python -V))"
     fi
     # pip leaves satisfied requirements alone, so a re-run only upgrades what changed.

@@ -290,3 +290,35 @@ def test_unknown_option_and_missing_source_are_named(tmp_path: Path) -> None:
     result = install(tmp_path, "--from", str(tmp_path / "nowhere"))
     assert result.returncode == 2
     assert "neither a wheel nor a source directory" in result.stderr
+
+
+def test_a_python_without_venv_is_named_and_a_half_made_venv_made_again(tmp_path: Path) -> None:
+    """Debian's python3 without python3-venv: `-m venv` leaves bin/python (without pip) and
+    fails. install.sh must say which package to install, and a later run must not take the
+    half-made venv for a venv."""
+    root = tmp_path / "root"
+    root.mkdir()
+    log = tmp_path / "python.log"
+    fake = tmp_path / "python3"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        'case "$1" in -c) echo "3.11 aarch64"; exit 0 ;; esac\n'
+        'for last; do :; done\n'
+        'mkdir -p "$last/bin" && printf "#!/bin/sh\\nexit 1\\n" > "$last/bin/python"\n'
+        'chmod +x "$last/bin/python"\n'
+        'echo "ensurepip is not available"; exit 1\n'
+    )  # fmt: skip
+    fake.chmod(0o755)
+    venv = root / "opt/edge-agent/venv"
+    for attempt in (1, 2):
+        result = subprocess.run(
+            [str(INSTALL), "--root", str(root), "--python", str(fake)],
+            capture_output=True, text=True, timeout=60, env=ENV,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "apt install python3-venv" in result.stderr
+        assert (venv / "bin/python").is_file()  # what the failed -m venv left
+        made = [line for line in log.read_text().splitlines() if line.startswith("-m venv")]
+        assert made == [f"-m venv --clear {venv}"] * attempt
+    assert not (root / "etc/systemd/system/edge-agent.service").exists()
