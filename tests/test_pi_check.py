@@ -168,3 +168,22 @@ def test_comparison_allows_a_few_lsb_and_near_ties_only() -> None:
     assert tie.problems == [] and tie.near_ties == 1
     off = pi_check.compare([result(1, [0.0, 4.0, 4.2])], host, labels, tol)
     assert any("top-1" in p for p in off.problems) and any("differ" in p for p in off.problems)
+
+
+def test_other_running_checks_are_found_by_their_script(tmp_path: Path) -> None:
+    """A check that mounted binfmt_misc leaves it mounted while another check runs."""
+    script = tmp_path / "install_check.py"
+    script.write_text("import sys\nsys.stdin.read()\n")
+    other = tmp_path / "something_else.py"
+    other.write_text(script.read_text())
+    procs = [
+        subprocess.Popen([sys.executable, str(p)], stdin=subprocess.PIPE) for p in (script, other)
+    ]
+    try:
+        found = pi_check.other_checks_running()
+        assert procs[0].pid in found and procs[1].pid not in found
+        assert os.getpid() not in found
+    finally:
+        for proc in procs:
+            proc.communicate(b"", timeout=30)
+    assert procs[0].pid not in pi_check.other_checks_running()

@@ -149,6 +149,24 @@ def ensure_binfmt_mounted(binfmt_dir: Path, mounts: Mounts) -> None:
     mounts.mounted.append(binfmt_dir)
 
 
+def other_checks_running(scripts: Sequence[str] = ("pi_check.py", "install_check.py")) -> list[int]:
+    """PIDs of other emulated checks (Python running one of ``scripts``) on this machine.
+    Unmounting binfmt_misc drops qemu-aarch64's registration under their feet, so a check
+    that mounted it leaves it mounted while another one runs."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue  # gone meanwhile
+        if len(argv) > 1 and Path(argv[0]).name.startswith("python"):
+            if Path(argv[1]).name in scripts:
+                pids.append(int(proc.name))
+    return pids
+
+
 def ensure_host_tools() -> list[str]:
     """Install what is missing with apt-get; returns the packages installed."""
     missing = sorted({pkg for exe, pkg in HOST_TOOLS.items() if not shutil.which(exe)})
@@ -791,6 +809,9 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
                 for log in sorted(workdir.glob("*.log")):
                     tail = log.read_text(errors="replace").strip().splitlines()[-15:]
                     print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
+            if args.binfmt_dir in mounts.mounted and (others := other_checks_running()):
+                mounts.mounted.remove(args.binfmt_dir)
+                report["binfmt_misc"] = f"left mounted: other checks are running ({others})"
             stuck = mounts.unmount_all(root)
             if stuck or mounted_under(workdir):
                 report["cleanup"] = (
