@@ -6,8 +6,7 @@ Bookworm's base, Python 3.11; or ``--suite trixie``, Raspberry Pi OS Trixie's, P
 each cached as its own tarball), this repo's wheel installed into a venv per runtime from
 PyPI's aarch64 wheels (bookworm: ``tflite`` and ``litert`` extras, numpy 1; trixie:
 ``litert`` only, numpy 2; never TensorFlow), one ``edge-agent run`` per venv on a synthetic
-digits source
-against a private Mosquitto on the host's loopback, a signed converter-built bundle
+digits source against a private Mosquitto on the host's loopback, a signed converter-built bundle
 deployed from the host with ``python -m fleet deploy``, and the results compared with the
 same bundle served by the same agent code on the host, frame image by frame image.
 
