@@ -6,6 +6,7 @@ and its comparison. The check itself is slow
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,41 @@ def test_other_running_checks_are_found_by_their_script(tmp_path: Path) -> None:
         for proc in procs:
             proc.communicate(b"", timeout=30)
     assert procs[0].pid not in pi_check.other_checks_running()
+
+
+HOLD_SCRIPT = """
+import subprocess, sys
+from pathlib import Path
+from tests.device import pi_check
+top, work = Path(sys.argv[1]) / "top", Path(sys.argv[1]) / "work"
+top.mkdir(); work.mkdir()
+def mount(): subprocess.run(["mount", "-t", "binfmt_misc", "none", str(top)], check=True)
+mount()
+(top / "register").write_text(":pi-check-test:E::pichecktest::/bin/cat:")
+mounts = pi_check.Mounts()
+if sys.argv[2] == "hold":
+    pi_check.hold_binfmt(work, mounts)
+subprocess.run(["umount", str(top)], check=True)  # what another check's cleanup does
+mount()
+print((top / "pi-check-test").exists())
+"""
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare (util-linux)")
+def test_a_held_binfmt_misc_keeps_its_registrations_when_another_check_unmounts_it(
+    tmp_path: Path,
+) -> None:
+    """In a private user namespace (its own binfmt_misc): with this check's hold mount a
+    registration outlives the shared mount's unmount; without it, it is gone."""
+    seen = {}
+    for mode in ("hold", "none"):
+        (tmp_path / mode).mkdir()
+        proc = subprocess.run(
+            ["unshare", "-U", "-r", "-m", "--fork", sys.executable, "-c", HOLD_SCRIPT,
+             str(tmp_path / mode), mode],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "PYTHONPATH": str(pi_check.ROOT)},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        seen[mode] = proc.stdout.strip()
+    assert seen == {"hold": "True", "none": "False"}

@@ -148,10 +148,22 @@ def ensure_binfmt_mounted(binfmt_dir: Path, mounts: Mounts) -> None:
     mounts.mounted.append(binfmt_dir)
 
 
+def hold_binfmt(workdir: Path, mounts: Mounts) -> Path:
+    """A second mount of binfmt_misc for as long as this check runs. The kernel (6.18 here)
+    drops the registrations with the last mount: another check unmounting
+    /proc/sys/fs/binfmt_misc then turned every arm64 exec in here into "Exec format error"
+    (it broke a trixie debootstrap half-way). Held, they live until this mount goes too."""
+    hold = workdir / "binfmt_misc"
+    hold.mkdir()
+    mounts.mount(hold, "-t", "binfmt_misc", "binfmt_misc")
+    return hold
+
+
 def other_checks_running(scripts: Sequence[str] = ("pi_check.py", "install_check.py")) -> list[int]:
     """PIDs of other emulated checks (Python running one of ``scripts``) on this machine.
-    Unmounting binfmt_misc drops qemu-aarch64's registration under their feet, so a check
-    that mounted it leaves it mounted while another one runs."""
+    Unmounting binfmt_misc drops qemu-aarch64's registration under their feet unless they
+    hold a mount (``hold_binfmt``; older checks do not), so a check that mounted it leaves
+    it mounted while another one runs."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -666,6 +678,7 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
             ensure_binfmt_mounted(args.binfmt_dir, mounts)
             report["installed"] = ensure_host_tools()
             enable_qemu_aarch64(args.binfmt_dir)
+            hold_binfmt(workdir, mounts)
         with steps.step("rootfs"):
             hit = rootfs_from_cache(root, args.cache, suite.name)
             report["rootfs_cache"] = "hit" if hit else "miss"
