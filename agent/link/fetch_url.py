@@ -222,7 +222,9 @@ class UrlFetcher:
         while True:
             delivery.check()
             sock = sockets.latest()
-            if sock is not None:
+            # Python 3.13 closes the connection (and the socket) as soon as Content-Length
+            # bytes are read: then the next read1 returns b"" and the socket is no more.
+            if sock is not None and not resp.isclosed():
                 # One read never outlasts the deadline (nor the stall timeout).
                 sock.settimeout(self._timeout(delivery))
             block = resp.read1(_READ)
