@@ -6,6 +6,7 @@ and its comparison. The check itself is slow
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,8 +132,10 @@ def test_constraints_are_per_suite(tmp_path: Path) -> None:
 
 
 def pins(path: Path) -> dict[str, str]:
-    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
-    return dict(line.split("==") for line in lines if line)
+    """name -> version of each ``name==version`` line (markers and other lines ignored)."""
+    found = (re.match(r"\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s;#]+)", line)
+             for line in path.read_text().splitlines())  # fmt: skip
+    return {m[1].lower().replace("_", "-"): m[2] for m in found if m}
 
 
 def test_each_suites_constraints_give_its_numpy_and_only_its_runtimes() -> None:
