@@ -67,7 +67,8 @@ bench: setup
 	@for b in $$(ls benchmarks/*.py | xargs -n1 basename | sed 's/\.py$$//' | grep -v '^_'); do \
 		echo "== $$b"; $(PY) -m benchmarks.$$b --quick --json || exit 1; done
 
-# Not part of `make test`: the agent on an emulated Raspberry Pi OS (bookworm arm64) userland.
+# Not part of `make test`: the agent on an emulated Raspberry Pi OS (Debian arm64) userland,
+# bookworm by default, PI_CHECK_ARGS="--suite trixie" for Trixie.
 # Needs root; exits 77 when the machine cannot emulate arm64. See docs/device-check.md.
 pi-check: $(STAMP) mosquitto
 	PYTHONPATH=$(CURDIR) $(PY) tests/device/pi_check.py $(PI_CHECK_ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import http.server
 import json
 import os
@@ -256,6 +257,38 @@ def test_interrupted_http_download_resumes_with_range(tmp_path: Path, flaky_serv
     assert FlakyHandler.requests[0] is None
     assert FlakyHandler.requests[1] is not None and FlakyHandler.requests[1] != "bytes=0-"
     assert stages[-1] == ("downloading", 100.0)
+
+
+def read1_closing_at_the_length(
+    original: Callable[[http.client.HTTPResponse, int], bytes],
+) -> Callable[[http.client.HTTPResponse, int], bytes]:
+    """HTTPResponse.read1 as Python 3.13 has it: the connection closes once Content-Length
+    bytes are read (3.11's keeps it open until a read returns b"")."""
+
+    def read1(self: http.client.HTTPResponse, n: int = -1) -> bytes:
+        block = original(self, n)
+        if self.length == 0 and not self.isclosed():
+            self._close_conn()  # type: ignore[attr-defined]
+        return block
+
+    return read1
+
+
+def test_a_download_completes_when_the_last_read_closes_the_connection(
+    tmp_path: Path, plain_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Python 3.13 (Raspberry Pi OS Trixie) every download failed with EBADF: the agent
+    set a timeout on the socket the response had just closed (found by pi-check trixie)."""
+    url, data = plain_server
+    monkeypatch.setattr(
+        http.client.HTTPResponse,
+        "read1",
+        read1_closing_at_the_length(http.client.HTTPResponse.read1),
+    )
+    fetcher = ArtifactFetcher(make_config(tmp_path), FakeLink())
+    path = fetcher.fetch("d1", p.UrlArtifact(url=url), model_manifest(data), no_progress)
+    assert path.read_bytes() == data
+    assert PlainHandler.requests == [None]  # one request: nothing was resumed
 
 
 def test_a_resume_starts_where_the_file_ends_after_a_reset(tmp_path: Path) -> None:
