@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -130,33 +129,9 @@ RUNTIME_PROBE = (
 )
 
 
-# pi_check as on main keeps the suite in its module constant SUITE (bookworm); the trixie
-# branch's takes it as a parameter and holds its own binfmt_misc mount. The three functions
-# below are the only places that differ, so either pi_check works here.
-
-
-def rootfs_from_cache(root: Path, cache: Path, suite: str) -> bool:
-    """pi_check's rootfs, for ``suite``: extracted from its cache, built on a miss."""
-    fn: Any = pi_check.rootfs_from_cache
-    if "suite" in inspect.signature(fn).parameters:
-        return bool(fn(root, cache, suite))
-    if suite != pi_check.SUITE:
-        raise Failed(f"this pi_check builds only {pi_check.SUITE}, not {suite}")
-    return bool(fn(root, cache))
-
-
-def hold_binfmt(workdir: Path, mounts: Mounts) -> None:
-    """A binfmt_misc mount of our own while we run, where pi_check has it: another check
-    unmounting the shared one then no longer drops qemu-aarch64 under our feet."""
-    hold = getattr(pi_check, "hold_binfmt", None)
-    if hold is not None:
-        hold(workdir, mounts)
-
-
 def keep_shared_binfmt(binfmt_dir: Path, mounts: Mounts, report: dict[str, Any]) -> None:
     """Leave the shared binfmt_misc mounted (if we mounted it) while other checks run."""
-    others = getattr(pi_check, "other_checks_running", None)
-    if others is not None and binfmt_dir in mounts.mounted and (pids := others()):
+    if binfmt_dir in mounts.mounted and (pids := pi_check.other_checks_running()):
         mounts.mounted.remove(binfmt_dir)
         report["binfmt_misc"] = f"left mounted: other checks are running ({pids})"
 
@@ -484,9 +459,9 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
             pi_check.ensure_binfmt_mounted(args.binfmt_dir, mounts)
             report["installed"] = pi_check.ensure_host_tools()
             pi_check.enable_qemu_aarch64(args.binfmt_dir)
-            hold_binfmt(workdir, mounts)
+            pi_check.hold_binfmt(workdir, mounts)
         with steps.step("rootfs"):
-            hit = rootfs_from_cache(root, args.cache, args.suite)
+            hit = pi_check.rootfs_from_cache(root, args.cache, args.suite)
             report["rootfs_cache"] = "hit" if hit else "miss"
         chroot = Chroot(root, args.qemu_cpu)
         with steps.step("chroot_setup"):
