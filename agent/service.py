@@ -184,7 +184,9 @@ class Agent:
             lambda now: {n: p.telemetry(now, "metrics") for n, p in self.pipelines.items()},
             self.outbox.stats,
         )
-        return MetricsExporter(reporter.build, self.outbox.stats)
+        return MetricsExporter(
+            lambda: reporter.build().model_copy(update=self.thread_report()), self.outbox.stats
+        )
 
     # --------------------------------------------------------------- start, stop
 

@@ -110,6 +110,8 @@ def test_metrics_scraped_from_a_running_agent(
     assert value(found, "edge_agent_resident_memory_bytes") > 10 * 2**20
     assert value(found, "edge_agent_outbox_depth") >= 0
     assert value(found, "edge_agent_outbox_dropped_total", kind="results") == 0
+    assert value(found, "edge_agent_thread_deaths_total") == 0
+    assert value(found, "edge_agent_threads_down") == 0
     # A scrape has fps windows of its own: telemetry's are untouched by it.
     assert running.telemetry.build().pipelines["cam"].fps == 0.0  # first telemetry read
     time.sleep(0.3)
@@ -133,9 +135,14 @@ def test_without_prometheus_client_a_scrape_says_what_to_install(
         ts=0.0,
         uptime_s=1.0,
         pipelines={"cam": PipelineTelemetry(model="m", stages={"invoke": StageLatency(p50=2.0)})},
+        thread_deaths=3,
+        threads_down=["outbox", "results-cam"],
     )
     exporter = MetricsExporter(lambda: telemetry)
     body, _ = exporter.render()
+    found = samples(body.decode())
+    assert value(found, "edge_agent_thread_deaths_total") == 3
+    assert value(found, "edge_agent_threads_down") == 2
     assert b'edge_agent_pipeline_model_info{model="m",pipeline="cam",version=""} 1.0' in body
     assert b'stage="invoke"' in body and b"0.002" in body
     monkeypatch.setitem(sys.modules, "prometheus_client", None)

@@ -90,6 +90,16 @@ class _Collector:
         yield from gauge(
             "disk_free_bytes", "Free disk in the state directory", t.disk_free_mb, 2**20
         )
+        yield CounterMetricFamily(
+            "edge_agent_thread_deaths",
+            "Agent threads that died unexpectedly since the agent started",
+            value=t.thread_deaths,
+        )
+        yield from gauge(
+            "threads_down",
+            "Agent threads dead or stuck now (no watchdog pings)",
+            len(t.threads_down),
+        )
         # From the outbox's own figures when there are, so that they add up in one scrape.
         depth = t.outbox_depth if self.outbox is None else self.outbox.get("depth", 0)
         yield from gauge("outbox_depth", "Messages waiting in the outbox", depth)
