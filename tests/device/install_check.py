@@ -28,11 +28,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,14 +41,12 @@ if str(ROOT) not in sys.path:  # run as a plain script: the repo's packages come
 
 from tests.device import pi_check  # noqa: E402  (after the sys.path fix above)
 from tests.device.pi_check import (  # noqa: E402
-    SKIPPED,
+    SKIPPED,  # noqa: F401  (the exit code callers and tests read from here)
     WHEELHOUSE,
     Chroot,
     Failed,
     Mounts,
-    Skip,
     Steps,
-    Stopped,
 )
 
 NAME = "edge-agent"
@@ -573,35 +569,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    steps = Steps()
-    report: dict[str, Any] = {
-        "check": "install-check",
-        "arch": pi_check.ARCH,
-        "suite": args.suite,
-        "qemu_cpu": args.qemu_cpu,
-        "note": "emulated (qemu-user): step times are this check's, not a Pi's performance",
-    }
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise Stopped(f"stopped by signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        pi_check.ensure_root()
-        check(args, steps, report)
-        report["outcome"], code = "passed", 0
-    except Skip as e:
-        print(f"install-check: skipped: {e}", file=sys.stderr)
-        return SKIPPED
-    except (Failed, Stopped) as e:
-        report["outcome"], report["error"], code = "failed", str(e), 1
-    except (Exception, KeyboardInterrupt) as e:
-        report["outcome"], report["error"], code = "failed", f"{type(e).__name__}: {e}", 1
-    report["steps"] = steps.times
-    report["total_s"] = round(time.monotonic() - steps.started, 1)
-    print(json.dumps(report), flush=True)
-    return code
+    return pi_check.run_reported("install-check", parse_args(argv), check)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -867,11 +867,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_reported(
+    name: str,
+    args: argparse.Namespace,
+    check_fn: Callable[[argparse.Namespace, Steps, dict[str, Any]], None],
+) -> int:
+    """Run an emulated check and print its one JSON report: 0 passed, 1 failed,
+    SKIPPED when this machine cannot run it (said on stderr). Shared by pi-check and
+    install-check, so both report and stop alike."""
     steps = Steps()
     report: dict[str, Any] = {
-        "check": "pi-check",
+        "check": name,
         "arch": ARCH,
         "suite": args.suite,
         "qemu_cpu": args.qemu_cpu,
@@ -884,10 +890,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         ensure_root()
-        check(args, steps, report)
+        check_fn(args, steps, report)
         report["outcome"], code = "passed", 0
     except Skip as e:
-        print(f"pi-check: skipped: {e}", file=sys.stderr)
+        print(f"{name}: skipped: {e}", file=sys.stderr)
         return SKIPPED
     except (Failed, Stopped) as e:
         report["outcome"], report["error"], code = "failed", str(e), 1
@@ -897,6 +903,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["total_s"] = round(time.monotonic() - steps.started, 1)
     print(json.dumps(report), flush=True)
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_reported("pi-check", parse_args(argv), check)
 
 
 if __name__ == "__main__":
