@@ -3,14 +3,18 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS := tflite,litert,camera,metrics,converter,dev
+EXTRAS := tflite,litert,camera,metrics,audio,converter,server,dev
 
 CONSTRAINTS := constraints/workstation.txt
 MODEL_CACHE ?= $(HOME)/.cache/edge-deploy
 
-.PHONY: setup test lint fmt typecheck bench demo mosquitto clean pi-check install-check fuzz test-pythons
+.PHONY: setup test lint fmt typecheck bench demo mosquitto console-tools chromium portaudio asyncapi clean pi-check install-check fuzz test-pythons
 
-setup: $(STAMP) mosquitto
+# Playwright (dev extra) drives the system's Chromium in the dashboard's browser tests;
+# it must never download browsers of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
+
+setup: $(STAMP) mosquitto console-tools chromium portaudio asyncapi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,22 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 
 mosquitto:
 	@scripts/ensure-mosquitto.sh
+
+# mosquitto_pub, mosquitto_sub and jq for the example shell console (docs/examples/).
+console-tools:
+	@scripts/ensure-console-tools.sh
+
+# Debian's Chromium for the dashboard's browser tests (EDGE_TEST_CHROMIUM names another).
+chromium:
+	@scripts/ensure-chromium.sh
+
+# Debian's PortAudio for the microphone source (extra audio: sounddevice loads it).
+portaudio:
+	@scripts/ensure-portaudio.sh
+
+# The AsyncAPI parser (Node) that checks docs/asyncapi.yaml, from tools/asyncapi's lockfile.
+asyncapi:
+	@scripts/ensure-asyncapi.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -41,7 +61,7 @@ test: setup
 	$(PY) -m pytest
 
 # Not part of `make test`: the agent's tests on Python 3.10 (JetPack 6) and 3.13 (Pi OS
-# Trixie, numpy 2) in device venvs (.venv-py310, .venv-py313: litert,camera,metrics, no
+# Trixie, numpy 2) in device venvs (.venv-py310, .venv-py313: litert,camera,metrics,audio, no
 # TensorFlow, no tflite-runtime), with the models the tests build with TensorFlow made
 # first here in .venv (tests/prebuilt_models.py, cached under $(MODEL_CACHE)). Left out
 # there: tests/test_converter_*.py and tests marked `workstation`. Exits 77 when a Python
@@ -80,4 +100,4 @@ install-check: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) tests/device/install_check.py $(INSTALL_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-py310 .venv-py313 .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-py310 .venv-py313 .pytest_cache .mypy_cache .ruff_cache tools/asyncapi/node_modules

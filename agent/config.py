@@ -12,16 +12,26 @@ saved across restarts, ``agent.config_overrides``.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from agent.protocol import (
     DEFAULT_PREFIX,
+    SAFE_ID_RE,
     DeviceId,
     GroupId,
     Name,
+    validate_name,
     validation_problems,
 )
 
@@ -45,6 +55,9 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 MAX_TELEMETRY_INTERVAL_S = 3600.0
 MAX_TOP_K = 1000
 MAX_PUBLISH_PER_S = 1000.0
+MAX_DRIFT_WINDOW = 20_000
+# A raw output of this many values is about 40 KB of JSON per result: past it, a summary.
+MAX_RAW_VALUES = 4096
 
 
 # ------------------------------------------------------------------------------ mqtt
@@ -147,6 +160,19 @@ class ProbationConfig(_Section):
     duration_s: Annotated[float, Field(ge=0)] = 30.0
     min_inferences: Annotated[int, Field(ge=0)] = 20
     max_latency_ratio: Annotated[float, Field(gt=1)] = 2.0
+    # Shadow evaluation, between validation and the swap (docs/model-health.md).
+    shadow: bool = Field(
+        default=True,
+        description="run a new version beside the serving one on live frames before its swap",
+    )
+    min_agreement: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.96, description="least agreement with the serving version (a deploy may set it)"
+    )
+    max_distance: Annotated[float, Field(gt=0)] = Field(
+        default=0.5, description="largest PSI of its live outputs from its manifest's reference"
+    )
+    shadow_frames: Annotated[int, Field(ge=1, le=100_000)] = 200
+    shadow_timeout_s: PositiveFloat = 60.0
 
 
 class DownloadConfig(_Section):
@@ -219,16 +245,71 @@ class SensorSource(_Section):
 
 class SyntheticSource(_Section):
     type: Literal["synthetic"]
-    kind: Literal["frames", "digits", "windows"] = "frames"
+    kind: Literal["frames", "digits", "colors", "shapes", "windows"] = Field(
+        default="frames",
+        description="frames: moving gradients; digits: handwritten digits; colors: coloured "
+        "patches in BGR (the colors example's scene); shapes: coloured squares on a grey "
+        "background in BGR (the shapes detector's scene); windows: sensor windows",
+    )
     width: Annotated[int, Field(gt=0)] = 224
     height: Annotated[int, Field(gt=0)] = 224
     channels: Literal[1, 3] = 3
     fps: PositiveFloat = 10.0
     seed: int = 0
+    drift_after_s: Annotated[float, Field(ge=0)] | None = Field(
+        default=None,
+        description="seconds after the source opens when its scene changes, for drift tests "
+        "(digits: inverted contrast; colors and shapes: a warm colour cast; frames: inverted; "
+        "windows: louder and offset); none: never",
+    )
+
+    @model_validator(mode="after")
+    def _colors_need_three_channels(self) -> SyntheticSource:
+        if self.kind in ("colors", "shapes") and self.channels != 3:
+            raise ValueError(f"kind '{self.kind}' needs channels 3")
+        return self
+
+
+class _AudioWindows(_Section):
+    """Audio cut into fixed windows: ``window_s`` of samples every ``hop_s``."""
+
+    sample_rate: Annotated[int, Field(ge=1000, le=192_000)] = 16000
+    window_s: Annotated[float, Field(gt=0, le=30)] = 1.0
+    hop_s: Annotated[float, Field(gt=0, le=30)] = 0.25
+
+    @model_validator(mode="after")
+    def _hop_fits(self) -> _AudioWindows:
+        if self.hop_s > self.window_s:
+            raise ValueError("hop_s must not exceed window_s")
+        if round(self.hop_s * self.sample_rate) < 1:
+            raise ValueError("hop_s is shorter than one sample")
+        return self
+
+
+class MicrophoneSource(_AudioWindows):
+    type: Literal["microphone"]
+    device: int | str | None = Field(
+        default=None, description="PortAudio device index or name (part of it); none: default"
+    )
+    channels: Literal[1] = 1
+
+
+class WavSource(_AudioWindows):
+    type: Literal["wav"]
+    path: Path = Field(description="16-bit PCM WAV, mono or stereo, at sample_rate")
+    loop: bool = True
+    pace: Literal["native", "fast"] = "native"
 
 
 SourceConfig: TypeAlias = Annotated[
-    CameraSource | PiCamera2Source | VideoSource | ImagesSource | SensorSource | SyntheticSource,
+    CameraSource
+    | PiCamera2Source
+    | VideoSource
+    | ImagesSource
+    | SensorSource
+    | SyntheticSource
+    | MicrophoneSource
+    | WavSource,
     Field(discriminator="type"),
 ]
 
@@ -245,6 +326,92 @@ class PublishConfig(_Section):
         return self
 
 
+class DriftConfig(_Section):
+    """Output drift of the served model against its manifest's reference statistics."""
+
+    enabled: Annotated[bool, Field(strict=True)] = True
+    window: Annotated[int, Field(strict=True, ge=10, le=MAX_DRIFT_WINDOW)] = Field(
+        default=500, description="frames in the sliding window"
+    )
+    min_frames: Annotated[int, Field(strict=True, ge=1, le=MAX_DRIFT_WINDOW)] = Field(
+        default=100, description="no distance from fewer frames (sampling noise)"
+    )
+    threshold: Annotated[float, Field(strict=True, gt=0, le=10)] = Field(
+        default=0.25, description="PSI above which state carries a drift warning"
+    )
+
+    @model_validator(mode="after")
+    def _min_frames_fit(self) -> DriftConfig:
+        if self.min_frames > self.window:
+            raise ValueError("min_frames must not exceed window")
+        return self
+
+
+class CaptureConfig(_Section):
+    """Frames worth labelling: the least confident ones, kept on disk within a budget."""
+
+    enabled: bool = False
+    max_mb: Annotated[float, Field(gt=0, le=100_000)] = Field(
+        default=50.0, description="disk budget of the kept frames and their sidecars"
+    )
+    max_frames: Annotated[int, Field(ge=1, le=100_000)] = 200
+    below: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.5,
+        description="a frame is a candidate when its top confidence is below this "
+        "(classify: top-1 probability; detect: best score, or no detection at all)",
+    )
+    min_interval_s: Annotated[float, Field(ge=0, le=86_400)] = Field(
+        default=1.0, description="at most one frame kept per interval (the least confident)"
+    )
+    format: Literal["jpeg", "npy"] = Field(
+        default="jpeg",
+        description="jpeg: JPEG through OpenCV for 8-bit images when OpenCV is installed, "
+        "else .npy; npy: always .npy (lossless)",
+    )
+
+
+class KeywordConfig(_Section):
+    """Keyword spotting (task keyword): when a window's keyword is published."""
+
+    refractory_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=1.0, description="the same keyword is not published again within this"
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["_silence_", "_unknown_"],
+        description="labels that never fire (background classes)",
+    )
+
+
+class RawConfig(_Section):
+    """Task ``raw``: how much of each output tensor a result carries."""
+
+    max_values: Annotated[int, Field(strict=True, ge=0, le=MAX_RAW_VALUES)] = Field(
+        default=64,
+        description="an output with at most this many values is published whole; a larger "
+        "one as its shape, min, max, mean and argmax",
+    )
+
+
+class SegmentConfig(_Section):
+    """What a ``segment`` model's per-pixel map becomes in each result (never the map)."""
+
+    mask_size: Annotated[int, Field(strict=True, ge=4, le=128)] | None = Field(
+        default=None,
+        description="longer side of the run-length-encoded class mask in the result; "
+        "none: no mask (areas and regions only)",
+    )
+    min_region_area: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.01,
+        description="classes and regions smaller than this fraction of the frame are not reported",
+    )
+    max_regions: Annotated[int, Field(strict=True, ge=0, le=256)] = Field(
+        default=16, description="largest connected regions reported per result"
+    )
+    background: Annotated[int, Field(strict=True, ge=0)] | None = Field(
+        default=0, description="class index never reported as regions; none: every class"
+    )
+
+
 class PipelineConfig(_Section):
     name: Name
     model: Name = Field(description="model name in the store; deploys of that name update it")
@@ -256,6 +423,11 @@ class PipelineConfig(_Section):
     queue: Literal["latest", "fifo"] = Field(
         default="latest", description="latest: drop stale camera frames; fifo: sensors"
     )
+    drift: DriftConfig = DriftConfig()
+    capture: CaptureConfig = CaptureConfig()
+    keyword: KeywordConfig = KeywordConfig()
+    raw: RawConfig = RawConfig()
+    segment: SegmentConfig = SegmentConfig()
 
 
 # ----------------------------------------------------------------------- ops, root
@@ -310,6 +482,41 @@ class TransferConfig(_Section):
     )
 
 
+def _check_discovery_prefix(value: str) -> str:
+    for part in value.split("/"):
+        if not SAFE_ID_RE.match(part):
+            raise ValueError(
+                f"discovery prefix segment {part!r} may hold only letters, digits, "
+                "'.', '_' and '-' (no '+', '#', empty segments)"
+            )
+    return value
+
+
+class HomeAssistantConfig(_Section):
+    """MQTT discovery for Home Assistant (docs/integrations.md)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="announce the device to Home Assistant; false removes what an earlier "
+        "run announced",
+    )
+    discovery_prefix: Annotated[str, AfterValidator(_check_discovery_prefix)] = Field(
+        default="homeassistant", description="Home Assistant's discovery prefix"
+    )
+    name: Annotated[str, Field(min_length=1, max_length=100)] | None = Field(
+        default=None, description="the device's name in Home Assistant; default: the device id"
+    )
+    buttons: bool = Field(
+        default=True,
+        description="ping and per-pipeline restart buttons (not offered when "
+        "mqtt.require_signed_commands is on: Home Assistant cannot sign)",
+    )
+
+
+class IntegrationsConfig(_Section):
+    home_assistant: HomeAssistantConfig = HomeAssistantConfig()
+
+
 class DeviceConfig(_Section):
     id: DeviceId
     groups: list[GroupId] = Field(default_factory=list)
@@ -330,6 +537,7 @@ class AgentConfig(_Section):
     http: HttpApiConfig = HttpApiConfig()
     outbox: OutboxConfig = OutboxConfig()
     transfer: TransferConfig = TransferConfig()
+    integrations: IntegrationsConfig = IntegrationsConfig()
 
     @model_validator(mode="after")
     def _signing_keys(self) -> AgentConfig:
@@ -372,6 +580,35 @@ def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
     return sorted({name for m in current for name in m.model_fields})
 
 
+def pipeline_key(names: Sequence[object], index: int) -> str:
+    """How a key path names pipeline ``index`` of those named ``names``: by its name.
+
+    The ``config`` command addresses pipelines by name (``pipelines.door-cam.top_k``),
+    so problems name them the same way. The position stays only when the name cannot
+    say which pipeline: missing, invalid, shared with another, or holding a '.' (which
+    would split the dotted key).
+    """
+    name = names[index] if 0 <= index < len(names) else None
+    if not isinstance(name, str) or "." in name or names.count(name) != 1:
+        return str(index)
+    try:
+        validate_name(name)
+    except ValueError:
+        return str(index)
+    return name
+
+
+def _by_name(path: str, data: dict[str, Any]) -> str:
+    """A problem's ``pipelines.<i>…`` path as ``pipelines.<name>…`` (see ``pipeline_key``)."""
+    first, _, rest = path.partition(".")
+    index, dot, tail = rest.partition(".")
+    pipelines = data.get("pipelines")
+    if first != "pipelines" or not index.isdigit() or not isinstance(pipelines, list):
+        return path
+    names = [p.get("name") if isinstance(p, dict) else None for p in pipelines]
+    return f"pipelines.{pipeline_key(names, int(index))}{dot}{tail}"
+
+
 def parse_config(data: Any, source: str = "config") -> AgentConfig:
     """Validate already-loaded YAML data; raises ``ConfigError``."""
     if not isinstance(data, dict):
@@ -390,5 +627,5 @@ def parse_config(data: Any, source: str = "config") -> AgentConfig:
                     msg = f"unknown key (did you mean {hints[0]!r}?)"
             elif msg.startswith("Value error, "):
                 msg = msg.removeprefix("Value error, ")
-            lines.append(f"{path}: {msg}")
+            lines.append(f"{_by_name(path, data)}: {msg}")
         raise ConfigError(lines) from None

@@ -25,6 +25,10 @@ LIVE_KEYS = (
     "pipelines.*.publish.mode",
     "pipelines.*.publish.max_per_s",
     "pipelines.*.publish.score_delta",
+    "pipelines.*.drift.enabled",
+    "pipelines.*.drift.window",
+    "pipelines.*.drift.min_frames",
+    "pipelines.*.drift.threshold",
 )
 
 # A key comes from the network: in messages it is shown escaped, so a newline, a
@@ -80,17 +84,6 @@ def _set(data: dict[str, Any], key: str, value: Any) -> str | None:
     return None
 
 
-def _by_name(line: str, data: dict[str, Any]) -> str:
-    """A schema problem at ``pipelines.<i>.…`` named as ``pipelines.<name>.…``."""
-    m = re.match(r"pipelines\.(\d+)\.", line)
-    pipelines = data.get("pipelines")
-    if m and isinstance(pipelines, list) and int(m.group(1)) < len(pipelines):
-        entry = pipelines[int(m.group(1))]
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-            return f"pipelines.{entry['name']}.{line[m.end() :]}"
-    return line
-
-
 def apply_changes(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """A copy of raw config ``data`` with dotted ``changes`` applied; only live keys.
 
@@ -106,10 +99,7 @@ def apply_changes(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, An
         problems = [*problems[:_PROBLEMS_MAX], f"... and {more} more key(s) refused"]
     if problems:
         raise ConfigError(problems)
-    try:
-        parse_config(new)
-    except ConfigError as err:
-        raise ConfigError([_by_name(line, new) for line in err.problems]) from None
+    parse_config(new)  # its problems name pipelines by name, as the keys do
     return new
 
 

@@ -12,19 +12,23 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, pipeline_key
 
 
 def path_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, BaseModel, str]]:
-    """Every (key path, owning model, field name) whose value is a Path or list of Paths."""
+    """Every (key path, owning model, field name) whose value is a Path or list of Paths.
+
+    A list item is named as ``pipeline_key`` names pipelines: by its name if it has one.
+    """
     for name in type(model).model_fields:
         value = getattr(model, name)
         path = f"{prefix}{name}"
         if isinstance(value, BaseModel):
             yield from path_fields(value, f"{path}.")
         elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            names = [getattr(item, "name", None) for item in value]
             for i, item in enumerate(value):
-                yield from path_fields(item, f"{path}.{i}.")
+                yield from path_fields(item, f"{path}.{pipeline_key(names, i)}.")
         elif isinstance(value, Path) or (
             isinstance(value, list) and value and isinstance(value[0], Path)
         ):
@@ -58,7 +62,9 @@ def check_files(config: AgentConfig) -> list[str]:
     """Problems with files the config names, without touching network or hardware."""
     problems = []
     for path, owner, name in path_fields(config):
-        generic = ".".join(p for p in path.split(".") if not p.isdigit())
+        # Without the pipeline's name: pipelines.door.source.path -> pipelines.source.path
+        parts = path.split(".")
+        generic = ".".join(parts[:1] + parts[2:] if parts[0] == "pipelines" else parts)
         value = getattr(owner, name)
         values = value if isinstance(value, list) else [value]
         for i, v in enumerate(values):

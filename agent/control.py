@@ -38,10 +38,21 @@ class AgentControl:
         model_file: Path,
         pipeline: str | None,
         progress: Progress,
+        *,
+        shadow: bool | None = None,
+        min_agreement: float | None = None,
     ) -> dict[str, Any]:
         if pipeline is not None and pipeline not in self.pipelines:
             raise CommandFailed(ReplyCode.NOT_FOUND, f"no pipeline named {pipeline!r}")
-        return self.lifecycle.deploy(manifest, signature, model_file, pipeline, progress)
+        return self.lifecycle.deploy(
+            manifest,
+            signature,
+            model_file,
+            pipeline,
+            progress,
+            shadow=shadow,
+            min_agreement=min_agreement,
+        )
 
     def rollback(self, model: str, to_version: str | None, progress: Progress) -> dict[str, Any]:
         return self.lifecycle.rollback(model, to_version, progress)

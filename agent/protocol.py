@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from enum import Enum
-from typing import Annotated, Any, Literal, TypeAlias, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeAlias, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -71,8 +71,26 @@ class ProtocolError(CommandFailed, ValueError):
     """A payload or identifier that does not follow the protocol."""
 
 
-# Reports progress of a long command: (stage, percent or None), e.g. ("downloading", 42.0).
-Progress: TypeAlias = Callable[[str, float | None], None]
+# The stages a long command reports in its ``progress`` replies, in the order a deploy
+# goes through them (a rollback: validating, swapping). The one list: the type makes
+# mypy refuse any other name at the places that report one, and docs/protocol.md must
+# describe each (tests/test_protocol_doc.py).
+Stage: TypeAlias = Literal[
+    "downloading", "receiving", "installing", "validating", "shadow", "swapping", "probation"
+]
+STAGES: tuple[Stage, ...] = get_args(Stage)
+# Stages whose progress replies carry ``percent``; the others send it only as null.
+STAGES_WITH_PERCENT: tuple[Stage, ...] = ("downloading", "receiving", "shadow")
+
+
+class Progress(Protocol):
+    """Reports progress of a long command: (stage, percent or None), e.g.
+    ("downloading", 42.0); ``data`` (optional) rides in the progress reply, e.g. the
+    running figures of the ``shadow`` stage."""
+
+    def __call__(
+        self, stage: Stage, percent: float | None, data: dict[str, Any] | None = None
+    ) -> None: ...
 
 
 def _check_id(value: str, what: str, max_len: int = MAX_ID_LENGTH) -> str:
@@ -216,6 +234,7 @@ class ReplyCode(str, Enum):
     VALIDATION_FAILED = "validation_failed"
     INCOMPATIBLE = "incompatible"
     PROBATION_FAILED = "probation_failed"
+    SHADOW_REJECTED = "shadow_rejected"
     DOWNGRADE = "downgrade"
     CONFIG_REJECTED = "config_rejected"
     INTERRUPTED = "interrupted"
@@ -295,6 +314,16 @@ class DeployCommand(_CommandBase):
     pipeline: Name | None = Field(
         default=None, description="Pipeline to serve it on; default: the pipelines using the model"
     )
+    shadow: bool | None = Field(
+        default=None,
+        description="false: no shadow evaluation before the swap; default: the device's config "
+        "(models.probation.shadow)",
+    )
+    min_agreement: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None,
+        description="Least shadow agreement with the serving version, 0..1; default: the "
+        "device's config (models.probation.min_agreement)",
+    )
 
 
 class RollbackCommand(_CommandBase):
@@ -342,11 +371,16 @@ class Reply(Message):
     code: ReplyCode
     message: str = ""
     ts: float
+    # A plain string, not ``Stage``: a console reading a newer device shows a stage name
+    # it does not know instead of refusing the reply.
     stage: str | None = Field(
-        default=None, description="During progress: downloading, validating, probation, ..."
+        default=None, description=f"During progress: one of {', '.join(STAGES)}"
     )
     percent: Annotated[float, Field(ge=0, le=100)] | None = None
-    data: dict[str, Any] | None = Field(default=None, description="Result of status, ping, ...")
+    data: dict[str, Any] | None = Field(
+        default=None,
+        description="Result of status, ping, ...; during progress, the stage's figures (shadow)",
+    )
 
 
 class RuntimeInfo(Message):
@@ -358,7 +392,10 @@ class ModelState(Message):
     name: Name
     active: str | None = None
     last_known_good: str | None = None
-    status: Literal["serving", "probation", "degraded", "absent"] = "absent"
+    status: Literal["serving", "stored", "probation", "degraded", "absent"] = Field(
+        default="absent",
+        description="stored: a version is active but no pipeline uses the model (see message)",
+    )
     versions: list[str] = Field(default_factory=list, description="Versions kept on the device")
     message: str | None = None
 
@@ -368,6 +405,12 @@ class PipelineState(Message):
     model: str | None = None
     status: Literal["running", "degraded", "stopped"] = "stopped"
     message: str | None = None
+    drift: str | None = Field(
+        default=None,
+        max_length=500,
+        description="set while the served model's outputs have drifted from its reference "
+        "statistics (PSI over pipelines[].drift.threshold): what, how far, since when",
+    )
 
 
 class State(Message):
@@ -427,6 +470,23 @@ class PipelineTelemetry(Message):
             "less postprocess)"
         ),
     )
+    drift: float | None = Field(
+        default=None,
+        description="PSI of the window's outputs against the served model's reference "
+        "statistics; null without a reference or below pipelines[].drift.min_frames",
+    )
+    confidence: list[float] | None = Field(
+        default=None,
+        max_length=32,
+        description="the window's top-1 confidence (classify) or detection scores (detect) "
+        "at the quantiles 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95",
+    )
+    captured: int = Field(
+        default=0, description="frames kept now for labelling (pipelines[].capture)"
+    )
+    capture_errors: int = Field(
+        default=0, description="frames that could not be written (full disk, I/O errors)"
+    )
 
 
 class Telemetry(Message):
@@ -455,11 +515,63 @@ class ClassScore(Message):
     score: float
 
 
+class Keypoint(Message):
+    name: str | None = None
+    x: float = Field(description="in source pixels")
+    y: float = Field(description="in source pixels")
+    score: float | None = None
+
+
 class Detection(Message):
     index: int
     label: str | None = None
     score: float
     box: tuple[float, float, float, float] = Field(description="x0, y0, x1, y1 in source pixels")
+    keypoints: list[Keypoint] | None = Field(
+        default=None, description="anchors decoders with keypoints (face landmarks)"
+    )
+
+
+class SegmentClass(Message):
+    index: int
+    label: str | None = None
+    area: float = Field(description="fraction of the frame, 0..1")
+
+
+class Region(Message):
+    """One connected region of a class in a segmentation map."""
+
+    index: int
+    label: str | None = None
+    area: float = Field(description="fraction of the frame, 0..1")
+    box: tuple[float, float, float, float] = Field(description="x0, y0, x1, y1 in source pixels")
+
+
+class RleMask(Message):
+    """A segmentation map reduced to ``width`` x ``height``, row by row, as runs of
+    ``[class index, length]``; the lengths add up to width * height."""
+
+    width: Annotated[int, Field(gt=0)]
+    height: Annotated[int, Field(gt=0)]
+    runs: list[tuple[int, int]]
+
+
+class Segmentation(Message):
+    classes: list[SegmentClass] = Field(description="present classes, largest first")
+    regions: list[Region] = Field(description="largest connected regions first")
+    mask: RleMask | None = None
+
+
+class RawTensor(Message):
+    """One output of a ``raw`` model: every value when it has at most the pipeline's
+    ``raw.max_values``, else a summary."""
+
+    shape: list[int]
+    values: list[float] | None = Field(default=None, description="flattened, row-major")
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    argmax: int | None = Field(default=None, description="flat index of the largest value")
 
 
 class Result(Message):
@@ -471,9 +583,13 @@ class Result(Message):
     model: str
     version: str
     latency_ms: float = Field(description="Pre-process + invoke + post-process")
-    classes: list[ClassScore] | None = None
+    classes: list[ClassScore] | None = Field(
+        default=None, description="classify; keyword: the keyword that fired"
+    )
     detections: list[Detection] | None = None
-    raw: list[list[float]] | None = None
+    keypoints: list[Keypoint] | None = Field(default=None, description="keypoints: one pose")
+    segmentation: Segmentation | None = None
+    raw: list[RawTensor] | None = None
 
 
 class Chunk(Message):
@@ -615,22 +731,63 @@ def decode_command(payload: bytes) -> Command:
 M = TypeVar("M", bound=Message)
 
 
-def decode_message(payload: bytes, model: type[M], max_bytes: int) -> M:
+def decode_message(
+    payload: bytes, model: type[M], max_bytes: int, *, from_device: bool = False
+) -> M:
     """Parse any other message (``Chunk``, ``ChunkRequest``, ...) through the same
     guards as a command: size, depth, then JSON and schema in one pass.
+    ``from_device``: a console reading what a device sent leaves out keys it does not
+    know (``read_message``).
 
     Raises ``ProtocolError`` (``too_large``, ``bad_json`` or ``schema``).
     """
     name = model.__name__
     _check_size_and_depth(payload, name, max_bytes)
     try:
-        return model.model_validate_json(payload)
+        return read_message(payload, model) if from_device else model.model_validate_json(payload)
     except ValidationError as err:
         if any(e["type"] == "json_invalid" for e in err.errors()):
             raise ProtocolError(ReplyCode.BAD_JSON, f"{name} is not valid JSON") from None
         raise ProtocolError(ReplyCode.SCHEMA, format_validation_error(err)) from None
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(ReplyCode.BAD_JSON, f"{name} is not valid JSON: {exc}") from None
+
+
+def read_message(payload: bytes | str, model: type[M]) -> M:
+    """Parse a message a device sent (``State``, ``Telemetry``, ``Reply``, ``Result``,
+    ``ChunkRequest``) as a console must: keys this version does not know are left out,
+    at any depth, so a console reads the messages of a newer device (docs/protocol.md,
+    *Versioning*). Anything else wrong raises ``ValidationError``. Commands and chunks
+    are never read this way: a device refuses what it does not know.
+    """
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as err:
+        unknown = [e["loc"] for e in err.errors() if e["type"] == "extra_forbidden"]
+        if not unknown:
+            raise
+        first = err
+    # Only on the slow path: a message from a device of the same version costs one parse.
+    data = json.loads(payload)
+    for loc in unknown:
+        _drop_key(data, loc)
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        # Still wrong: the first error names the unknown keys too (a typo, more likely
+        # than a newer device, when a known key is missing).
+        raise first from None
+
+
+def _drop_key(data: Any, loc: tuple[str | int, ...]) -> None:
+    node = data
+    for step in loc[:-1]:
+        try:
+            node = node[step]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(node, dict):
+        node.pop(loc[-1], None)
 
 
 def max_chunk_message_bytes(chunk_size: int = MAX_COMMAND_BYTES) -> int:

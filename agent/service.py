@@ -2,11 +2,12 @@
 in order, handles signals, and talks to systemd. No business logic lives here.
 
 Start order: pipelines (workers idle until a model arrives) -> model lifecycle
-(store, start-up recovery, swaps) -> outbox -> command plane -> MQTT link -> local
-API. READY=1 goes to systemd once the first connection has been attempted. Stop
-order is the reverse, so the current inference finishes, the outbox is persisted
-and ``online: false`` is the last thing the broker hears; the whole stop fits in
-systemd's stop timeout (a backstop ends the process if a part overruns).
+(store, start-up recovery, swaps) -> outbox -> command plane -> Home Assistant
+discovery -> MQTT link -> local API. READY=1 goes to systemd once the first
+connection has been attempted. Stop order is the reverse, so the current inference
+finishes, the outbox is persisted and ``online: false`` is the last thing the broker
+hears; the whole stop fits in systemd's stop timeout (a backstop ends the process if
+a part overruns).
 
 The main loop also supervises every thread (``agent.threads.Supervisor``): a dead one
 is restarted or ends the process non-zero, and the watchdog is pinged only while no
@@ -33,12 +34,15 @@ from agent.link.commands import CommandDispatcher
 from agent.link.outbox import Outbox
 from agent.link.transfer import ArtifactFetcher
 from agent.live import LiveConfig
+from agent.loops.capture import CaptureShelf, FrameCapture
+from agent.loops.model_server import PipelineServer
 from agent.loops.pipeline import Pipeline
 from agent.models.lifecycle import ModelLifecycle
-from agent.models.manifest import Manifest
+from agent.models.manifest import Manifest, input_shapes_beside
 from agent.models.runtime import LoadedModel, LoaderError, Runtime, load_model, select_runtime
 from agent.models.store import StoreError
 from agent.ops import logs
+from agent.ops.homeassistant import HomeAssistantDiscovery
 from agent.ops.httpapi import HttpApi, Predictor
 from agent.ops.metrics import INSTALL_HINT, MetricsExporter, metrics_available
 from agent.ops.sdnotify import Notifier, watchdog_interval_s
@@ -55,6 +59,9 @@ HEARTBEAT_STALE_S = 20.0
 # The MQTT thread also resolves and connects, which a slow resolver can hold up for a
 # while (glibc: 5 s per try and server, both address families) without anything wrong.
 LINK_STALE_S = 120.0
+# How often the pipelines' drift windows are binned for the warning in state: a few
+# hundred microseconds each, so the warning follows the window within about a second.
+DRIFT_CHECK_S = 1.0
 # SIGTERM to exit: systemd kills at TimeoutStopSec=15. The parts of a stop share
 # STOP_BUDGET_S (each has its own cap, below); past STOP_BACKSTOP_S after the signal
 # the process ends anyway, with EXIT_STOP_OVERRAN.
@@ -99,6 +106,8 @@ class Agent:
             delegate=rc.delegate,
             delegate_path=rc.delegate_path,
             delegate_options=rc.delegate_options,
+            # A .tflite with dynamic input dims runs at the shape its manifest records.
+            input_shapes=input_shapes_beside(path),
         )
 
     def _manifest(self, name: str, version: str) -> Manifest | None:
@@ -124,10 +133,13 @@ class Agent:
                 manifests=self._manifest,
                 publish=self.outbox.enqueue_result,
                 load=self._load,
+                captures=FrameCapture(pc.name, pc.capture, config.state_dir / "captures" / pc.name)
+                if pc.capture.enabled
+                else None,
             )
         self.lifecycle = ModelLifecycle.from_config(
             config,
-            [p.worker for p in self.pipelines.values()],
+            [PipelineServer(p, self._load, self._manifest) for p in self.pipelines.values()],
             on_change=self._state_changed,
         )
         self.control = AgentControl(
@@ -138,6 +150,9 @@ class Agent:
             config, self.link, self.control, self.fetcher, state_changed=self._state_changed
         )
         self.link.set_state_provider(self.state)
+        self.home_assistant = HomeAssistantDiscovery(
+            config, self.link, self.dispatcher.submit, __version__
+        )
         self.telemetry = TelemetryReporter(
             config.device.id,
             DeviceSampler(config.state_dir),
@@ -147,8 +162,13 @@ class Agent:
         self.http: HttpApi | None = None
         if config.http.enabled:
             metrics = self._metrics() if config.http.metrics else None
+            captures = {n: p.captures for n, p in self.pipelines.items() if p.captures}
             self.http = HttpApi(
-                config.http.bind, config.http.port, Predictor(self, self._load), metrics
+                config.http.bind,
+                config.http.port,
+                Predictor(self, self._load),
+                metrics,
+                CaptureShelf(captures),
             )
         self.live.subscribe(self._apply_live)
         self._watch_threads()
@@ -199,6 +219,7 @@ class Agent:
         self.lifecycle.start()
         self.outbox.start()
         self.dispatcher.start()
+        self.home_assistant.start()
         self.link.start()
         if self.http is not None:
             self.http.start()
@@ -230,6 +251,7 @@ class Agent:
             p.stop(max(0.1, pipelines_by - time.monotonic()))
         self.outbox.stop(budget("outbox"))
         self.link.stop(budget("link"))
+        self.home_assistant.stop()
         if self.http is not None:
             self.http.stop(budget("http"))
         self.supervisor.uninstall()
@@ -270,6 +292,8 @@ class Agent:
         next_watchdog = 0.0
         self._next_telemetry = time.monotonic() + self.config.telemetry.interval_s
         reported = self.thread_report()
+        next_drift_check = 0.0
+        drift_warnings = self.drift_warnings()
         while not self.stop_event.wait(TICK_S):
             now = time.monotonic()
             for p in self.pipelines.values():
@@ -281,6 +305,14 @@ class Agent:
             if self.thread_report() != reported:
                 reported = self.thread_report()
                 self._state_changed()  # the retained state tells the fleet at once
+            if now >= next_drift_check:
+                next_drift_check = now + DRIFT_CHECK_S
+                for p in self.pipelines.values():
+                    p.check_drift()
+            # Telemetry and scrapes bin the windows too: compare whoever changed them.
+            if self.drift_warnings() != drift_warnings:
+                drift_warnings = self.drift_warnings()
+                self._state_changed()
             if self._reload.is_set():
                 self._reload.clear()
                 self.notifier.reloading()
@@ -325,6 +357,9 @@ class Agent:
             "thread_deaths": self.supervisor.deaths,
             "threads_down": sorted({*health.dead, *health.stuck}),
         }
+
+    def drift_warnings(self) -> dict[str, str | None]:
+        return {n: p.drift.warning for n, p in self.pipelines.items()}
 
     def hung_pipelines(self) -> list[str]:
         now = time.monotonic()

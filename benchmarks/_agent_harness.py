@@ -237,6 +237,8 @@ class DeviceLog:
     results: int = 0
     # (the result's own ts: when its frame was captured, version)
     result_versions: list[tuple[float, str]] = field(default_factory=list)
+    # (ts, the source's frame number): when the source opened (frame n is due n/fps later)
+    result_frames: list[tuple[float, int]] = field(default_factory=list)
     first_result_at: float | None = None  # arrival
     telemetry: list[dict[str, Any]] = field(default_factory=list)
     states: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
@@ -321,6 +323,9 @@ class Observer:
                     ts = data.get("ts")
                     ts = float(ts) if isinstance(ts, int | float) else now
                     log.result_versions.append((ts, str(data.get("version"))))
+                    frame = data.get("frame")
+                    if isinstance(frame, int):
+                        log.result_frames.append((ts, frame))
                     if log.first_result_at is None:
                         log.first_result_at = now
                 else:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.models.decoder_spec import DECODER_TYPES
+from agent.models.manifest import TASKS
 from converter import __version__
 from converter.errors import EXIT_BAD_BUNDLE, EXIT_OK, ConverterError
 from converter.tfimport import import_runtimes_first
@@ -40,6 +42,25 @@ def _labels(args: argparse.Namespace) -> list[str] | None:
     return read_labels(args.labels) if args.labels else None
 
 
+def _decoder(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The decoder spec as the options give it (``type`` missing: recognised later)."""
+    spec: dict[str, Any] = {}
+    if args.decoder_json:
+        try:
+            spec = json.loads(args.decoder_json)
+        except ValueError as exc:
+            raise ConverterError(f"--decoder-json is not JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise ConverterError("--decoder-json must be a JSON object")
+    if args.decoder:
+        spec["type"] = args.decoder
+    for key in ("iou", "max_detections", "class_agnostic"):
+        value = getattr(args, key)
+        if value is not None:
+            spec[key] = value
+    return spec or None
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from converter.pipeline import ConvertOptions, run_convert
 
@@ -59,6 +80,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             max_drop=args.max_drop,
             sign_key=args.sign_key,
             progress=not args.json,
+            golden=args.golden,
+            decoder=_decoder(args),
+            input_shape=args.input_shape,
         )
     )
     text = (
@@ -73,8 +97,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
     elif args.val is None:
         text += "\n  not validated (no --val): accuracy gate not applied"
+    text += "\n  " + _health_line(result)
     _emit(args, result, text)
     return EXIT_OK
+
+
+def _health_line(result: dict[str, Any]) -> str:
+    reference = (
+        f"reference statistics from {result['reference_samples']} samples"
+        if result["reference_samples"]
+        else "no reference statistics (no --val)"
+    )
+    return f"{reference}, {result['golden_samples']} golden samples"
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
@@ -86,8 +120,19 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         task=args.task,
         labels=_labels(args),
         preprocess=_preprocess(args),
+        decoder=_decoder(args),
+        state=args.state,
     )
-    manifest = wrap_tflite(args.model, args.output, spec, load_signing_key(args.sign_key))
+    manifest = wrap_tflite(
+        args.model,
+        args.output,
+        spec,
+        load_signing_key(args.sign_key),
+        val=args.val,
+        golden=args.golden,
+        samples=args.samples,
+        input_shapes=args.input_shape,
+    )
     data = {
         "bundle": str(args.output.resolve()),
         "name": manifest["name"],
@@ -96,12 +141,14 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         "sha256": manifest["model"]["sha256"],
         "model_bytes": manifest["model"]["size"],
         "signed": args.sign_key is not None,
+        "reference_samples": (manifest.get("reference") or {}).get("samples", 0),
+        "golden_samples": len((manifest.get("golden") or {}).get("samples", [])),
     }
     _emit(
         args,
         data,
         f"{data['bundle']}: {data['name']} {data['version']} {data['quantization']}"
-        f"{', signed' if data['signed'] else ''}",
+        f"{', signed' if data['signed'] else ''}\n  {_health_line(data)}",
     )
     return EXIT_OK
 
@@ -173,16 +220,55 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _shape(text: str) -> list[int]:
+    """``--input-shape 1,128,128,3``: comma-separated positive ints."""
+    try:
+        dims = [int(part) for part in text.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated positive integers, e.g. 1,128,128,3"
+        )
+    return dims
+
+
 def _add_bundle_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--name", help="model name (default: the file's stem)")
     p.add_argument("--version", default="1", help="model version (default: 1)")
-    p.add_argument("--task", choices=("classify", "detect", "raw"), default="classify")
+    p.add_argument("--task", choices=TASKS, default="classify")
+    p.add_argument(
+        "--decoder",
+        choices=DECODER_TYPES,
+        help="--task detect: how outputs become boxes (default: recognised from the outputs)",
+    )
+    p.add_argument("--iou", type=float, help="yolo/anchors: NMS overlap (default 0.45 / 0.3)")
+    p.add_argument("--max-detections", type=int, help="yolo/anchors: boxes per frame (100)")
+    p.add_argument(
+        "--class-agnostic",
+        action="store_true",
+        default=None,
+        help="yolo: suppress overlaps across classes too (default: per class)",
+    )
+    p.add_argument(
+        "--decoder-json",
+        metavar="JSON",
+        help='the full decoder spec, e.g. \'{"type": "anchors", "strides": [8, 16], ...}\'',
+    )
     p.add_argument("--labels", type=Path, help="labels file, one per line, in class order")
     p.add_argument("--mean", type=float, nargs="+", default=[0.0], help="per channel or one")
     p.add_argument("--std", type=float, nargs="+", default=[1.0], help="per channel or one")
     p.add_argument("--color", choices=("rgb", "bgr", "gray"), default="rgb")
     p.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM) to sign with")
+    p.add_argument(
+        "--golden",
+        type=int,
+        default=4,
+        metavar="N",
+        help="golden samples a device checks before serving the model (default 4, 0 = none); "
+        "taken from --val (convert without --val: from --calib)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -205,11 +291,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="largest accepted accuracy drop, as a fraction (default 0.01 = 1 point)",
     )
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="DIMS",
+        help="a Keras model's input shape with its unknown dims chosen, e.g. 1,128,128,3: "
+        "the model is converted at that shape",
+    )
     _add_bundle_options(p)
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("bundle", help="wrap an existing .tflite into a bundle")
     p.add_argument("model", type=Path, help="the .tflite file")
+    p.add_argument(
+        "--val",
+        type=Path,
+        help="data to record reference statistics and golden samples from "
+        "(image folder, .npy, .npz, .csv; preprocessed by --mean/--std/--color)",
+    )
+    p.add_argument("--samples", type=int, help="use at most this many --val samples")
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        action="append",
+        metavar="DIMS",
+        help="the shape to run an input with dynamic dims at, e.g. 1,128,128,3 (recorded in "
+        "the manifest; devices resize to it); repeat for several inputs, in input order",
+    )
+    p.add_argument(
+        "--state",
+        action="append",
+        metavar="INPUT:OUTPUT",
+        help="a streaming model's state: OUTPUT (a tensor name) is fed back to INPUT at the "
+        "next window; repeat per pair",
+    )
     _add_bundle_options(p)
     p.set_defaults(func=_cmd_bundle)
 
@@ -233,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("example", help="write an example Keras model")
-    p.add_argument("which", choices=("digits", "mobilenet"))
+    p.add_argument("which", choices=("digits", "colors", "shapes", "mobilenet"))
     p.add_argument("-o", "--output", type=Path, required=True, help="FILE.keras")
     p.set_defaults(func=_cmd_example)
     return parser

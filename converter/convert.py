@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -86,7 +86,9 @@ def _head(path: Path) -> bytes:
         return f.read(len(HDF5_SIGNATURE))
 
 
-def load_source_model(path: Path) -> SourceModel:
+def load_source_model(path: Path, input_shape: Sequence[int] | None = None) -> SourceModel:
+    """The model at ``path``; a Keras model's input fixed at ``input_shape``
+    (``--input-shape``) when given (its dynamic dims chosen)."""
     check_model_path(path)
     tf = import_tensorflow()
     try:
@@ -99,28 +101,79 @@ def load_source_model(path: Path) -> SourceModel:
         kind = "SavedModel" if path.is_dir() else "Keras model"
         raise ConverterError(f"{path}: not a loadable {kind} ({_first_line(exc)})") from None
     if path.is_dir():
+        if input_shape is not None:
+            raise ConverterError(
+                f"{path}: --input-shape is for Keras models; export the SavedModel with a "
+                "fixed input signature, or convert its .keras file"
+            )
         return _saved_model(path, loaded)
-    return _keras_model(path, loaded)
+    return _keras_model(path, loaded, input_shape)
 
 
-def _batch1(path: Path, shape: Any) -> tuple[int, ...]:
+def _suggested(dims: Sequence[int | None]) -> str:
+    """A shape to give for dynamic dims: batch 1, H and W of an image, else N."""
+    image = len(dims) == 4
+    return ",".join(
+        str(d)
+        if d is not None
+        else "1"
+        if i == 0
+        else ("H", "W")[i - 1]
+        if image and i < 3
+        else "N"
+        for i, d in enumerate(dims)
+    )
+
+
+def _batch1(path: Path, shape: Any, what: str = "input") -> tuple[int, ...]:
     dims = list(shape)
     if dims and dims[0] is None:
         dims[0] = 1
     if any(d is None for d in dims):
-        raise ConverterError(f"{path}: input shape {dims} has unknown dimensions besides batch")
+        hint = f": give --input-shape {_suggested(dims)}" if what == "input" else ""
+        raise ConverterError(
+            f"{path}: {what} shape {dims} has unknown dimensions besides batch{hint}"
+        )
     return tuple(int(d) for d in dims)
 
 
-def _keras_model(path: Path, model: Any) -> SourceModel:
+def _fixed_input(path: Path, model: Any, input_shape: Sequence[int]) -> Any:
+    """The Keras model called on an input of ``input_shape``: a model whose every shape
+    is known, so the .tflite has no dynamic dims (XNNPACK cannot resize them)."""
+    tf = import_tensorflow()
+    declared = list(model.inputs[0].shape)
+    shape = [int(d) for d in input_shape]
+    if len(shape) != len(declared) or any(
+        d is not None and d != s for d, s in zip(declared[1:], shape[1:], strict=True)
+    ):
+        raise ConverterError(
+            f"{path}: --input-shape {','.join(map(str, shape))} does not fit input shape "
+            f"{declared} (same rank; only unknown dims may be chosen)"
+        )
+    if shape[0] != 1:
+        raise ConverterError(f"{path}: --input-shape must have batch 1, not {shape[0]}")
+    inp = tf.keras.Input(batch_shape=tuple(shape), dtype=model.inputs[0].dtype)
+    try:
+        with quiet_fds():
+            return tf.keras.Model(inp, model(inp))
+    except Exception as exc:  # the layers reject the shape
+        raise ConverterError(
+            f"{path}: the model does not build at --input-shape "
+            f"{','.join(map(str, shape))} ({_first_line(exc)})"
+        ) from None
+
+
+def _keras_model(path: Path, model: Any, input_shape: Sequence[int] | None = None) -> SourceModel:
     if len(model.inputs) != 1:
         raise ConverterError(f"{path}: models with {len(model.inputs)} inputs are not supported")
+    if input_shape is not None:
+        model = _fixed_input(path, model, input_shape)
     return SourceModel(
         path=path,
         kind="keras",
         handle=model,
         input_shape=_batch1(path, model.inputs[0].shape),
-        output_shapes=[_batch1(path, t.shape) for t in model.outputs],
+        output_shapes=[_batch1(path, t.shape, "output") for t in model.outputs],
     )
 
 
@@ -132,7 +185,7 @@ def _saved_model(path: Path, loaded: Any) -> SourceModel:
     if len(specs) != 1:
         raise ConverterError(f"{path}: models with {len(specs)} inputs are not supported")
     outputs = signature.structured_outputs
-    output_shapes = [_batch1(path, outputs[k].shape) for k in sorted(outputs)]
+    output_shapes = [_batch1(path, outputs[k].shape, "output") for k in sorted(outputs)]
 
     def call(x: Any) -> Any:
         return signature(x)

@@ -1,24 +1,34 @@
-"""Example models: ``digits`` (trains in seconds, offline) and ``mobilenet`` (the benchmark load).
+"""Example models: ``digits`` and ``colors`` (classifiers), ``shapes`` (a detector, see
+``converter.detector_example``), all trained offline in seconds, and ``mobilenet`` (the
+benchmark load).
 
-``digits`` also writes its data beside the model as 8-bit pixel values 0..255, what
-a camera gives (scikit-learn's 0..16 scaled up), so the model is converted with
-``--std 255``:
+``digits`` (8x8 grey) and ``colors`` (16x16 RGB patches of six colours, drawn by
+``agent.scenes`` like the synthetic ``colors`` source) also write their
+data beside the model as 8-bit pixel values 0..255, what a camera gives
+(scikit-learn's 0..16 scaled up for digits; RGB order for colors), so the model is
+converted with ``--std 255``:
 ``NAME-calib.npz`` (training images), ``NAME-val.npz`` (held-out images and labels)
-and ``NAME-labels.txt``.
+and ``NAME-labels.txt``. A different ``seed`` draws other data and other initial
+weights: a "retrained" model of the same task.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from agent.scenes import COLOR_LABELS, balanced_labels, color_patches
 from converter.errors import ConverterError
 from converter.tfimport import import_tensorflow, quiet_fds
 
 DIGITS_STD = 255.0
 DIGITS_LABELS = [str(d) for d in range(10)]
+COLORS_STD = 255.0
+COLORS_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -29,7 +39,7 @@ class ExampleFiles:
     labels: Path | None = None
 
 
-def _check_dest(dest: Path) -> None:
+def check_dest(dest: Path) -> None:
     if dest.suffix not in (".keras", ".h5"):
         raise ConverterError(f"{dest}: the example model is written as .keras or .h5")
     if dest.is_dir():
@@ -49,8 +59,28 @@ def digits_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return x[train], y[train], x[val], y[val]
 
 
+def save_example(
+    dest: Path,
+    model: Any,
+    calib: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    labels: list[str],
+) -> ExampleFiles:
+    """The model and, beside it, its calibration and validation data and its labels."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with quiet_fds():
+        model.save(dest)
+    calib_file = dest.with_name(f"{dest.stem}-calib.npz")
+    val_file = dest.with_name(f"{dest.stem}-val.npz")
+    labels_file = dest.with_name(f"{dest.stem}-labels.txt")
+    np.savez(calib_file, **calib)
+    np.savez(val_file, **val)
+    labels_file.write_text("\n".join(labels) + "\n", encoding="utf-8")
+    return ExampleFiles(model=dest, calib=calib_file, val=val_file, labels=labels_file)
+
+
 def build_digits(dest: Path, *, epochs: int = 12, seed: int = 0) -> ExampleFiles:
-    _check_dest(dest)
+    check_dest(dest)
     tf = import_tensorflow()
     x_train, y_train, x_val, y_val = digits_data(seed)
     tf.keras.utils.set_random_seed(seed)
@@ -74,21 +104,52 @@ def build_digits(dest: Path, *, epochs: int = 12, seed: int = 0) -> ExampleFiles
     )
     with quiet_fds():
         model.fit(x_train / DIGITS_STD, y_train, epochs=epochs, batch_size=32, verbose=0)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    return save_example(dest, model, {"x": x_train}, {"x": x_val, "y": y_val}, DIGITS_LABELS)
+
+
+def colors_data(
+    seed: int = 0, train: int = 2400, val: int = 600
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Colour patches as (x_train, y_train, x_val, y_val); x uint8 RGB (n, 16, 16, 3)."""
+    rng = np.random.default_rng(seed)
+    y_train = balanced_labels(rng, train, len(COLOR_LABELS))
+    x_train = color_patches(rng, y_train, COLORS_SIZE, COLORS_SIZE)
+    y_val = balanced_labels(rng, val, len(COLOR_LABELS))
+    x_val = color_patches(rng, y_val, COLORS_SIZE, COLORS_SIZE)
+    return x_train, y_train, x_val, y_val
+
+
+def build_colors(dest: Path, *, epochs: int = 8, seed: int = 0) -> ExampleFiles:
+    check_dest(dest)
+    tf = import_tensorflow()
+    x_train, y_train, x_val, y_val = colors_data(seed)
+    tf.keras.utils.set_random_seed(seed)
+    layers = tf.keras.layers
+    # Global pooling: the colour matters, not where the stripes of the texture fall.
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((COLORS_SIZE, COLORS_SIZE, 3)),
+            layers.Conv2D(16, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(32, activation="relu"),
+            layers.Dense(len(COLOR_LABELS)),
+        ]
+    )
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(3e-3),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     with quiet_fds():
-        model.save(dest)
-    calib = dest.with_name(f"{dest.stem}-calib.npz")
-    val = dest.with_name(f"{dest.stem}-val.npz")
-    labels = dest.with_name(f"{dest.stem}-labels.txt")
-    np.savez(calib, x=x_train)
-    np.savez(val, x=x_val, y=y_val)
-    labels.write_text("\n".join(DIGITS_LABELS) + "\n", encoding="utf-8")
-    return ExampleFiles(model=dest, calib=calib, val=val, labels=labels)
+        model.fit(x_train / COLORS_STD, y_train, epochs=epochs, batch_size=32, verbose=0)
+    return save_example(dest, model, {"x": x_train}, {"x": x_val, "y": y_val}, list(COLOR_LABELS))
 
 
 def build_mobilenet(dest: Path, *, seed: int = 0) -> ExampleFiles:
     """An untrained MobileNetV2 at 224x224x3: realistic ops and size, no download."""
-    _check_dest(dest)
+    check_dest(dest)
     tf = import_tensorflow()
     tf.keras.utils.set_random_seed(seed)
     with quiet_fds():
@@ -98,4 +159,16 @@ def build_mobilenet(dest: Path, *, seed: int = 0) -> ExampleFiles:
     return ExampleFiles(model=dest)
 
 
-EXAMPLES = {"digits": build_digits, "mobilenet": build_mobilenet}
+def build_shapes(dest: Path, *, epochs: int = 12, seed: int = 0) -> ExampleFiles:
+    """The tiny detector (converter.detector_example), imported only when built."""
+    from converter.detector_example import build_shapes as build
+
+    return build(dest, epochs=epochs, seed=seed)
+
+
+EXAMPLES: dict[str, Callable[[Path], ExampleFiles]] = {
+    "digits": build_digits,
+    "colors": build_colors,
+    "shapes": build_shapes,
+    "mobilenet": build_mobilenet,
+}

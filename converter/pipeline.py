@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.models.manifest import Calibration, Preprocess
+from agent.models.runtime import LoaderError, load_model
 from converter.bundle import (
+    CLASS_TASKS,
     BundleSpec,
     Task,
     build_manifest,
@@ -21,12 +23,14 @@ from converter.bundle import (
     load_signing_key,
     publish,
     read_labels,
+    resolve_decoder,
 )
 from converter.convert import Quantization, check_model_path, convert, load_source_model
 from converter.datasets import load_dataset
 from converter.errors import ConverterError
 from converter.evaluate import Evaluation, compare, run_tflite
 from converter.progress import ProgressBar
+from converter.reference import DEFAULT_GOLDEN, check_golden_count, golden_of, reference_of
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class ConvertOptions:
     max_drop: float = 0.01
     sign_key: Path | None = None
     progress: bool = True
+    golden: int = DEFAULT_GOLDEN
+    # detect: the decoder spec as given (see ``bundle.resolve_decoder``)
+    decoder: dict[str, Any] | None = None
+    # --input-shape: a Keras model's dynamic input dims fixed for conversion
+    input_shape: list[int] | None = None
 
 
 def run_convert(opts: ConvertOptions) -> dict[str, Any]:
@@ -55,6 +64,7 @@ def run_convert(opts: ConvertOptions) -> dict[str, Any]:
     version = check_name(opts.version, "version")
     if opts.samples < 1:
         raise ConverterError("--samples must be at least 1")
+    check_golden_count(opts.golden)
     needs_calib = opts.quantization in ("int8", "int8-float-io")
     if needs_calib and opts.calib is None:
         raise ConverterError(f"--quant {opts.quantization} needs calibration data (--calib)")
@@ -64,7 +74,7 @@ def run_convert(opts: ConvertOptions) -> dict[str, Any]:
     labels = read_labels(opts.labels) if opts.labels else None
     key = load_signing_key(opts.sign_key)
 
-    source = load_source_model(opts.model)
+    source = load_source_model(opts.model, opts.input_shape)
     if source.output_shapes:
         check_labels(labels, source.output_shapes[0], opts.task)
     calibration = None
@@ -82,22 +92,45 @@ def run_convert(opts: ConvertOptions) -> dict[str, Any]:
     ) as bar:
         model = convert(source, opts.quantization, calib_x, bar)
     float_model = convert(source, None)
+    try:
+        loaded = load_model(model)
+    except LoaderError as exc:
+        raise ConverterError(f"the converted model does not load: {exc}") from None
 
+    decoder = resolve_decoder(opts.task, opts.decoder, loaded.outputs)
     evaluation: Evaluation | None = None
+    reference = None
     if validation is not None:
         with ProgressBar.for_terminal("validate", len(validation), opts.progress) as bar:
-            tflite_out = run_tflite(model, validation.x, bar)
+            tflite_out = run_tflite(loaded, validation.x, bar)
         float_out = source.predict(validation.x)
-        evaluation = compare(float_out, tflite_out, validation.y, opts.task == "classify")
+        evaluation = compare(float_out, tflite_out, validation.y, opts.task in CLASS_TASKS)
         evaluation.check_gate(opts.max_drop)
+        reference = reference_of(
+            opts.task,
+            loaded.outputs,
+            tflite_out,
+            decoder,
+            inputs=loaded.inputs,
+            layout=opts.preprocess.layout,
+            labels=labels,
+        )
+    golden_x = validation.x if validation is not None else calib_x
+    golden = (
+        golden_of(model, loaded, golden_x, opts.golden, quantization=opts.quantization)
+        if golden_x is not None
+        else None
+    )
 
-    spec = BundleSpec(name, version, opts.task, labels, opts.preprocess)
+    spec = BundleSpec(name, version, opts.task, labels, opts.preprocess, opts.decoder)
     manifest = build_manifest(
         model,
         spec,
         opts.quantization,
         metrics=evaluation.to_metrics() if evaluation else None,
         calibration=calibration,
+        reference=reference,
+        golden=golden,
     )
     bundle = publish(opts.out, model, manifest, key)
     return summary(bundle, manifest, len(float_model), evaluation, signed=key is not None)
@@ -114,6 +147,8 @@ def summary(
     size = int(manifest["model"]["size"])
     metrics = manifest.get("metrics") or {}
     calibration = manifest.get("calibration") or {}
+    reference = manifest.get("reference") or {}
+    golden = manifest.get("golden") or {}
     return {
         "bundle": str(bundle),
         "name": manifest["name"],
@@ -129,6 +164,8 @@ def summary(
         "sqnr_db": metrics.get("sqnr_db", []),
         "validation_samples": metrics.get("samples", 0),
         "calibration_samples": calibration.get("samples", 0),
+        "reference_samples": reference.get("samples", 0),
+        "golden_samples": len(golden.get("samples", [])),
         "input_dtype": manifest["inputs"][0]["dtype"],
         "output_dtype": manifest["outputs"][0]["dtype"],
         "sha256": manifest["model"]["sha256"],

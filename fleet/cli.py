@@ -30,7 +30,8 @@ from agent.protocol import (
     validate_name,
 )
 
-from . import render
+from . import captures, render
+from .client import ServerError
 from .console import BrokerOptions, Console, ConsoleError, DeviceView
 from .rollout import (
     EXIT_ERROR,
@@ -45,6 +46,7 @@ from .rollout import (
     resolve_targets,
 )
 from .serve import DEFAULT_CHUNK_SIZE, offer_artifact, parse_bind
+from .server import main as server_main
 from .signing import CommandSigner
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ PASSWORD_ENV = "EDGE_FLEET_PASSWORD"
 USERNAME_ENV = "EDGE_FLEET_USERNAME"
 BROKER_ENV = "EDGE_FLEET_BROKER"
 COMMAND_KEY_ENV = "EDGE_FLEET_COMMAND_KEY"
+SERVER_ENV = "EDGE_FLEET_SERVER"
+TOKEN_ENV = "EDGE_FLEET_TOKEN"
+# Commands that only exist through a fleet server.
+SERVER_ONLY = ("rollouts", "history")
 
 
 class UsageError(Exception):
@@ -82,8 +88,37 @@ def _positive(value: str) -> float:
     return number
 
 
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+        if not 0 <= number <= 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}") from None
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="machine-readable output")
+    output.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
+
+    server = argparse.ArgumentParser(add_help=False)
+    g = server.add_argument_group("fleet server")
+    g.add_argument(
+        "--server",
+        default=os.environ.get(SERVER_ENV) or None,
+        metavar="URL",
+        help=f"go through this fleet server (http://HOST:PORT) instead of MQTT (env {SERVER_ENV})",
+    )
+    g.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"file holding the server's API token (or set env {TOKEN_ENV})",
+    )
+
+    common = argparse.ArgumentParser(add_help=False, parents=[output])
     b = common.add_argument_group("broker")
     b.add_argument(
         "--broker",
@@ -112,8 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ed25519 private key (PEM) that signs every command, for devices with "
         f"mqtt.require_signed_commands (env {COMMAND_KEY_ENV})",
     )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
 
     targets = argparse.ArgumentParser(add_help=False)
     g = targets.add_argument_group("targets")
@@ -132,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-fleet", description="Status, deploys, staged rollouts and rollback of a fleet."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    server_main.add_parser(sub)
 
-    p = sub.add_parser("status", parents=[common, targets], help="one row per device")
+    p = sub.add_parser("status", parents=[common, server, targets], help="one row per device")
     p.add_argument(
         "--wait",
         type=_positive,
@@ -142,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the telemetry of online devices (default 2)",
     )
 
-    p = sub.add_parser("deploy", parents=[common, targets], help="deploy a bundle")
+    p = sub.add_parser("deploy", parents=[common, server, targets], help="deploy a bundle")
     p.add_argument("bundle", type=Path, help="bundle directory (model.tflite, manifest.json, ...)")
     p.add_argument(
         "--pub",
@@ -196,6 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pipeline", type=_id(validate_name), help="pipeline to serve the model on")
     p.add_argument(
+        "--min-agreement",
+        type=_fraction,
+        metavar="X",
+        help="least agreement (0..1) with the serving version in shadow evaluation "
+        "(default: each device's models.probation.min_agreement)",
+    )
+    p.add_argument(
+        "--no-shadow",
+        dest="shadow",
+        action="store_false",
+        default=None,
+        help="swap the new version in without shadow evaluation beside the serving one",
+    )
+    p.add_argument(
         "--timeout",
         type=_positive,
         default=600.0,
@@ -209,8 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="devices refuse the command after S seconds (default 3600)",
     )
+    s = p.add_argument_group("with --server")
+    s.add_argument(
+        "--waves",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the devices after the canary into N waves (default 1)",
+    )
+    s.add_argument(
+        "--approval", action="store_true", help="wait for an operator's approval between waves"
+    )
+    s.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="return once the rollout is created (the server carries it out)",
+    )
 
-    p = sub.add_parser("rollback", parents=[common, targets], help="go back to a version")
+    p = sub.add_parser("rollback", parents=[common, server, targets], help="go back to a version")
     p.add_argument("--model", type=_id(validate_name), help="model name (default: the only one)")
     p.add_argument("--to", dest="to_version", type=_id(validate_name), metavar="VERSION")
     p.add_argument("--timeout", type=_positive, default=120.0, metavar="S")
@@ -233,6 +297,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--telemetry", action="store_true", help="include telemetry")
     p.add_argument("--count", type=int, metavar="N", help="stop after N messages")
     p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds")
+
+    p = sub.add_parser(
+        "rollouts", parents=[output, server], help="the server's rollouts, or one (--id)"
+    )
+    p.add_argument("--id", metavar="ROLLOUT", help="show one rollout with its devices")
+    p.add_argument("--state", help="only rollouts in this state")
+    p.add_argument("--model", type=_id(validate_name), help="only rollouts of this model")
+    p.add_argument("--limit", type=int, default=50, metavar="N")
+    act = p.add_mutually_exclusive_group()
+    for action, text in (
+        ("approve", "open the next wave of a rollout waiting for approval"),
+        ("pause", "stop sending to further devices"),
+        ("resume", "carry on a paused or halted rollout"),
+        ("abort", "stop it and restore the previous desired state"),
+    ):
+        act.add_argument(f"--{action}", action="store_true", help=f"with --id: {text}")
+
+    p = sub.add_parser(
+        "history", parents=[output, server], help="a device's versions, commands and events"
+    )
+    p.add_argument("device_id", metavar="DEVICE", type=_id(validate_device_id))
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="rows of each (default 20)")
+
+    captures.add_parser(sub, [output])
     return parser
 
 
@@ -350,6 +438,8 @@ def load_bundle(args: argparse.Namespace) -> Bundle:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.waves != 1 or args.approval or args.no_follow:
+        raise UsageError("--waves, --approval and --no-follow go with --server")
     bundle = load_bundle(args)
     try:
         canary = parse_canary(args.canary) if args.canary else None
@@ -403,6 +493,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                     signature=bundle.signature,
                     artifact=offer.artifact,
                     pipeline=args.pipeline,
+                    shadow=args.shadow,
+                    min_agreement=args.min_agreement,
                 )
 
             if not args.json:
@@ -558,24 +650,38 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "rollback": cmd_rollback,
     "ping": cmd_ping,
     "watch": cmd_watch,
+    "captures": captures.run,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "server":
+        return server_main.run(args)
+    command = COMMANDS.get(args.command)
+    if args.command in SERVER_ONLY or getattr(args, "server", None):
+        # Imported here: the client mode builds on this module (UsageError, load_bundle).
+        from . import cli_server
+
+        command = cli_server.COMMANDS[args.command]
+    assert command is not None
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        return COMMANDS[args.command](args)
+        return command(args)
     except UsageError as exc:
         print(f"edge-fleet {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ConsoleError as exc:
         print(f"edge-fleet {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except ServerError as exc:
+        print(f"edge-fleet {args.command}: {exc}", file=sys.stderr)
+        # The server refused the request as given: the operator's to fix, as a usage error.
+        return EXIT_USAGE if exc.status is not None and 400 <= exc.status < 500 else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from agent.protocol import (
     DEFAULT_PREFIX,
+    PROTOCOL_VERSION,
     Command,
     ProtocolError,
     Reply,
@@ -34,6 +35,7 @@ from agent.protocol import (
     Telemetry,
     Topics,
     format_validation_error,
+    read_message,
 )
 
 from .signing import CommandSigner
@@ -144,8 +146,14 @@ class Console:
         *,
         results: bool = False,
         signer: CommandSigner | None = None,
+        share_group: str | None = None,
     ) -> None:
         self.options = options
+        # Several fleet-server processes share replies and telemetry through an MQTT 5
+        # shared subscription ($share/<group>/...): each message reaches one of them.
+        # Retained states are never delivered to shared subscriptions, so every
+        # process subscribes to them directly.
+        self.share_group = share_group
         # Signs every command this console sends (devices that require signed commands
         # refuse the rest); a fleet server sends through a Console and signs the same way.
         self.signer = signer
@@ -155,6 +163,7 @@ class Console:
         self._lock = threading.Lock()
         self._views: dict[str, DeviceView] = {}
         self._last_state_at = 0.0
+        self._newer_protocol: set[str] = set()  # devices already warned about (MQTT thread)
         self._connected = threading.Event()
         self._connect_error: str | None = None
         self._subs = _Subscriptions()
@@ -255,12 +264,23 @@ class Console:
         # Held until the mid is registered, so a quick SUBACK cannot slip past it.
         with self._lock:
             self._handlers[topic] = handler
-            result, mid = self._client.subscribe(topic, 1)
+            result, mid = self._client.subscribe(self._shared(topic), 1)
             if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
                 raise ConsoleError(f"cannot subscribe to {topic}: {mqtt.error_string(result)}")
             self._acks[mid] = confirmed
         if not confirmed.wait(timeout):
             raise ConsoleError(f"the broker did not confirm the subscription to {topic}")
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop calling the handler of ``topic`` and leave its subscription (a server that
+        no longer serves a transfer must not take the shared requests for it)."""
+        with self._lock:
+            if self._handlers.pop(topic, None) is None:
+                return
+        self._client.unsubscribe(self._shared(topic))
+
+    def _shared(self, topic: str) -> str:
+        return f"$share/{self.share_group}/{topic}" if self.share_group else topic
 
     # ------------------------------------------------------------------ sending
 
@@ -304,11 +324,14 @@ class Console:
             self._connected.set()
             return
         t = self.topics
-        wanted = [t.all_states(), t.all_replies(), t.all_telemetry()]
+        wanted = [t.all_states()] + [
+            self._shared(topic) for topic in (t.all_replies(), t.all_telemetry())
+        ]
         if self._results:
-            wanted.append(t.all_results())
+            wanted.append(self._shared(t.all_results()))
         with self._lock:
-            wanted += list(self._handlers)  # again after a reconnect: the session is clean
+            # Again after a reconnect: the session is clean.
+            wanted += [self._shared(topic) for topic in self._handlers]
         result, mid = client.subscribe([(w, 1) for w in wanted])
         if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             self._subs.pending.add(mid)
@@ -354,18 +377,35 @@ class Console:
     def _parse(
         self, topic: str, device: str, kind: str, payload: bytes, now: float
     ) -> Event | None:
+        # read_message: keys a newer device adds are left out, not refused.
         if kind == "state":
-            state = State.model_validate_json(payload)
+            state = read_message(payload, State)
             if state.device != device:
                 return InvalidEvent(topic, f"carries the state of {state.device!r}", now)
+            self._note_protocol(state)
             return StateEvent(device, state, now)
         if kind == "telemetry":
-            return TelemetryEvent(device, Telemetry.model_validate_json(payload), now)
+            return TelemetryEvent(device, read_message(payload, Telemetry), now)
         if kind == "reply":
-            return ReplyEvent(device, Reply.model_validate_json(payload), now)
+            return ReplyEvent(device, read_message(payload, Reply), now)
         if kind == "results":
-            return ResultEvent(device, Result.model_validate_json(payload), now)
+            return ResultEvent(device, read_message(payload, Result), now)
         return None
+
+    def _note_protocol(self, state: State) -> None:
+        """Warn once per device that speaks a newer protocol than this console: its
+        messages are read without the keys this console does not know, and commands may
+        mean something else to it."""
+        if state.protocol <= PROTOCOL_VERSION or state.device in self._newer_protocol:
+            return
+        self._newer_protocol.add(state.device)
+        log.warning(
+            "device %s speaks protocol %d, this console %d: upgrade edge-fleet before "
+            "commanding it",
+            state.device,
+            state.protocol,
+            PROTOCOL_VERSION,
+        )
 
     def _update_view(self, event: Event) -> None:
         with self._lock:

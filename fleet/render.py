@@ -24,6 +24,7 @@ def status_row(view: DeviceView) -> dict[str, Any]:
     s, t = view.state, view.telemetry
     pipes = t.pipelines.values() if t else []
     p95s = [p.invoke_ms_p95 for p in pipes if p.invoke_ms_p95 is not None]
+    psis = [p.drift for p in pipes if p.drift is not None]
     row: dict[str, Any] = {
         "device": view.device,
         "online": view.online,
@@ -38,6 +39,10 @@ def status_row(view: DeviceView) -> dict[str, Any]:
         ],
         "fps": round(sum(p.fps for p in pipes), 2) if t else None,
         "invoke_ms_p95": max(p95s) if p95s else None,
+        # The largest output drift (PSI) of the device's pipelines, and the warnings
+        # the retained state carries (pipeline -> text).
+        "drift": max(psis) if psis else None,
+        "drift_warnings": {p.name: p.drift for p in (s.pipelines if s else []) if p.drift},
         "temperature_c": t.temperature_c if t else None,
         "outbox_depth": t.outbox_depth if t else None,
         "last_seen": view.last_seen,
@@ -67,7 +72,9 @@ def _num(value: float | int | None, fmt: str) -> str:
 
 def status_table(rows: Sequence[dict[str, Any]], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    header = ("DEVICE", "ONLINE", "MODELS", "FPS", "P95 MS", "TEMP C", "OUTBOX", "LAST SEEN")
+    header = (
+        "DEVICE", "ONLINE", "MODELS", "FPS", "P95 MS", "DRIFT", "TEMP C", "OUTBOX", "LAST SEEN"
+    )  # fmt: skip
     lines = [header]
     for r in rows:
         models = (
@@ -81,12 +88,22 @@ def status_table(rows: Sequence[dict[str, Any]], now: float | None = None) -> st
                 models,
                 _num(r["fps"], ".1f"),
                 _num(r["invoke_ms_p95"], ".1f"),
+                _drift(r),
                 _num(r["temperature_c"], ".1f"),
                 _num(r["outbox_depth"], "d"),
                 _age(r["last_seen"], now),
             )
         )
     return table(lines)
+
+
+def _drift(row: dict[str, Any]) -> str:
+    """The largest PSI, and ``warn`` while a pipeline's state carries a drift warning
+    (an online device's latest telemetry may predate it by an interval, or lack it)."""
+    psi = _num(row["drift"], ".2f")
+    if not row["drift_warnings"]:
+        return psi
+    return "warn" if row["drift"] is None else f"{psi} warn"
 
 
 def table(lines: Sequence[Sequence[str]]) -> str:
@@ -121,17 +138,28 @@ def progress_line(p: DeviceProgress) -> str:
     text = f"  {p.device:<20} {p.status}"
     if p.percent is not None:
         text += f" {p.percent:.0f}%"
+    agreement = p.data.get("agreement") if p.status == "shadow" and p.data else None
+    if isinstance(agreement, float | int):
+        text += f" agreement {agreement:.2f}"
     if p.status == "failed" and p.code:
         text += f" [{p.code}]"
     if p.message and p.message != p.status and p.status not in ("accepted", "done"):
         text += f"  ({p.message})"
+    elif p.status == "done" and _note(p):
+        text += f"  ({_note(p)})"
     return text
+
+
+def _note(p: DeviceProgress) -> str:
+    """What a ``done`` reply's data says beside success (a model no pipeline uses)."""
+    note = p.data.get("note") if p.status == "done" and p.data else None
+    return note if isinstance(note, str) else ""
 
 
 def report_table(report: RunReport) -> str:
     lines = [("DEVICE", "WAVE", "RESULT", "CODE", "DETAIL")]
     for d in report.devices:
-        lines.append((d.device, str(d.wave), d.status, d.code or "-", d.message or "-"))
+        lines.append((d.device, str(d.wave), d.status, d.code or "-", d.message or _note(d) or "-"))
     return table(lines)
 
 
@@ -230,3 +258,115 @@ def event_line(event: Event) -> str:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
+
+
+# ------------------------------------------------------------------ server mode
+
+
+def server_status_table(rows: Sequence[dict[str, Any]], now: float | None = None) -> str:
+    """Devices as the fleet server lists them (``GET /api/devices`` rows)."""
+    now = time.time() if now is None else now
+    lines = [("DEVICE", "ONLINE", "STATUS", "MODELS", "FPS", "P95 MS", "AGENT", "LAST SEEN")]
+    for r in rows:
+        models = ", ".join(f"{name} {active or '-'}" for name, active in r["models"].items())
+        lines.append(
+            (
+                r["id"],
+                "yes" if r["online"] else "no",
+                r["status"],
+                models or "-",
+                _num(r["fps"], ".1f"),
+                _num(r["invoke_p95_ms"], ".1f"),
+                r.get("agent_version") or "-",
+                _age(r["last_seen"], now),
+            )
+        )
+    return table(lines)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def rollouts_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [("ROLLOUT", "STATE", "MODEL", "VERSION", "TARGET", "DONE", "CREATED", "BY")]
+    for r in rows:
+        counts: dict[str, int] = r.get("counts") or {}
+        lines.append(
+            (
+                r["id"],
+                r["state"],
+                r["model"],
+                r["version"],
+                f"{r['target_kind']}/{r['target']}",
+                f"{counts.get('done', 0)}/{sum(counts.values())}",
+                _when(r["created_at"]),
+                r["created_by"],
+            )
+        )
+    return table(lines)
+
+
+def rollout_text(view: dict[str, Any]) -> str:
+    """One rollout: what, where, its state, and a row per device."""
+    plan = view.get("plan") or {}
+    # Waves count from 1 here, for people; the API's JSON counts from 0.
+    waves = plan.get("wave_count") or len(view.get("waves") or []) or 1
+    head = (
+        f"rollout {view['id']}: {view['model']} {view['version']} to "
+        f"{view['target_kind']}/{view['target']}, {view['state']}"
+        f" (wave {view['current_wave'] + 1} of {waves}; {render_plan(plan)})"
+    )
+    if view.get("message"):
+        head += f": {view['message']}"
+    lines = [("DEVICE", "WAVE", "STATUS", "TRIES", "CODE", "DETAIL")]
+    for d in view.get("devices", []):
+        lines.append(
+            (
+                d["device"],
+                str(d["wave"] + 1),
+                d["status"],
+                str(d.get("attempts", 0)),
+                d.get("code") or "-",
+                d.get("message") or "-",
+            )
+        )
+    return head + "\n" + table(lines)
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """The plan as an operator wrote it: canary, max failures, approval."""
+    parts = []
+    if plan.get("canary"):
+        parts.append(f"canary {plan['canary']}")
+    parts.append(f"max failures {plan.get('max_failures', 0)}")
+    if plan.get("approval"):
+        parts.append("approval between waves")
+    return ", ".join(parts)
+
+
+def history_text(history: dict[str, Any]) -> str:
+    """A device's versions, recent commands and events (``GET /api/devices/ID/history``)."""
+    versions = [("MODEL", "VERSION", "FROM", "UNTIL")] + [
+        (v["model"], v["version"] or "-", _when(v["started"]), _when(v["ended"]))
+        for v in history["versions"]
+    ]
+    commands = [("COMMAND", "OP", "SENT", "BY", "STATUS", "CODE", "DETAIL")] + [
+        (
+            c["id"],
+            c["op"],
+            _when(c["created_at"]),
+            c["created_by"],
+            c["status"],
+            c.get("code") or "-",
+            c.get("message") or "-",
+        )
+        for c in history["commands"]
+    ]
+    events = [("WHEN", "EVENT", "DETAIL")] + [
+        (_when(e["ts"]), e["kind"], e.get("message") or "-") for e in history["events"]
+    ]
+    return "\n\n".join(
+        f"{title}:\n{table(rows)}" if len(rows) > 1 else f"{title}: none"
+        for title, rows in (("versions", versions), ("commands", commands), ("events", events))
+    )

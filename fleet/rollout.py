@@ -97,18 +97,36 @@ def parse_canary(text: str) -> Canary:
         ) from None
 
 
-def plan_waves(targets: Sequence[Target], canary: Canary | None) -> list[list[Target]]:
-    """One wave, or the canary wave (online devices first) and then the rest."""
+def split_evenly(targets: Sequence[Target], parts: int) -> list[list[Target]]:
+    """``targets`` in order, cut into at most ``parts`` waves whose sizes differ by at most
+    one (the earlier ones larger); no empty wave."""
+    if parts < 1:
+        raise ValueError("a plan needs at least one wave")
+    parts = min(parts, len(targets))
+    waves: list[list[Target]] = []
+    start = 0
+    for i in range(parts):
+        size = len(targets) // parts + (1 if i < len(targets) % parts else 0)
+        waves.append(list(targets[start : start + size]))
+        start += size
+    return waves
+
+
+def plan_waves(
+    targets: Sequence[Target], canary: Canary | None, rest_waves: int = 1
+) -> list[list[Target]]:
+    """The canary wave (online devices first), if any, then the rest in ``rest_waves``
+    waves of near-equal size; no empty wave."""
     if not targets:
         return []
     if canary is None:
-        return [list(targets)]
+        return split_evenly(targets, rest_waves)
     n = canary.size(len(targets))
     # Online devices first, so the canary wave does not wait on a device that is away.
     ranked = sorted(targets, key=lambda t: (not t.online, not t.known))
     first = ranked[:n]
     rest = [t for t in targets if t not in first]
-    return [first, rest] if rest else [first]
+    return [first, *split_evenly(rest, rest_waves)] if rest else [first]
 
 
 # ------------------------------------------------------------------- progress
@@ -181,6 +199,8 @@ def apply_reply(
         progress.data = data
     elif status == "progress":
         progress.status = stage or "in progress"
+        if data is not None:  # the stage's running figures (shadow: agreement)
+            progress.data = data
     elif status == "accepted" and progress.status in ("waiting", "pending", "sent"):
         progress.status = "accepted"
     progress.code = code

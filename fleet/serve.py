@@ -211,7 +211,7 @@ class ChunkPublisher:
     def on_request(self, payload: bytes) -> None:
         """A ``ChunkRequest`` arrived (called on the MQTT thread: never blocks)."""
         try:
-            request = decode_message(payload, ChunkRequest, MAX_COMMAND_BYTES)
+            request = decode_message(payload, ChunkRequest, MAX_COMMAND_BYTES, from_device=True)
         except ProtocolError as err:
             log.warning("ignored an invalid chunk request: %s", err.message)
             return

@@ -2,7 +2,9 @@
 
 convert (edge-convert) -> broker -> agent (edge-agent run, a synthetic camera showing
 handwritten digits) -> deploy v1 (edge-fleet deploy) -> live results -> hot-swap to v2
--> an unsigned model refused while v2 keeps serving -> stop everything it started.
+-> an unsigned model refused while v2 keeps serving -> the fleet server (edge-fleet
+server) brings a second agent, offline during the rollout, to v2 when it is back, after
+the CLI exited -> stop everything it started.
 Ends with `demo: ok` (exit 0) or `demo: FAILED: <what>` (exit 1).
 """
 
@@ -37,13 +39,14 @@ def say(text: str) -> None:
     print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
 
 
-def run(*cmd: str | Path, timeout: float = 300) -> str:
+def run(*cmd: str | Path, timeout: float = 300, quiet: bool = False) -> str:
     args = [str(c) for c in cmd]
     shown = " ".join(a if len(a) < 60 else "…" + a[-40:] for a in args)
-    print(f"$ {shown.replace(str(BIN) + '/', '')}", flush=True)
+    if not quiet:
+        print(f"$ {shown.replace(str(BIN) + '/', '')}", flush=True)
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout.strip()
-    if out:
+    if out and not quiet:
         print("\n".join("  " + line for line in out.splitlines()[-12:]), flush=True)
     if proc.returncode != 0:
         raise DemoFailed(f"{Path(args[0]).name} {args[1]} exited {proc.returncode}: "
@@ -187,7 +190,7 @@ def accuracy(results: list[dict[str, Any]], labels: Any) -> float:
 
 def demo(work: Path, procs: Processes) -> str:
     convert, agent, fleet = BIN / "edge-convert", BIN / "edge-agent", BIN / "edge-fleet"
-    say("1/7 train the digits example and convert it to signed int8 bundles")
+    say("1/8 train the digits example and convert it to signed int8 bundles")
     run(convert, "example", "digits", "-o", work / "digits.keras")
     run(convert, "keygen", "-o", work / "keys")
     common = ["--calib", work / "digits-calib.npz", "--val", work / "digits-val.npz",
@@ -205,12 +208,12 @@ def demo(work: Path, procs: Processes) -> str:
         "--name", "digits", "--version", "3", "--labels", work / "digits-labels.txt",
         "--std", "255")  # fmt: skip
 
-    say("2/7 start a broker")
+    say("2/8 start a broker")
     host, port, which = start_broker(procs, work)
     prefix = f"edge-demo-{uuid.uuid4().hex[:6]}"
     print(f"  using {which}, topic prefix {prefix}")
 
-    say("3/7 start the agent on a synthetic camera showing handwritten digits")
+    say("3/8 start the agent on a synthetic camera showing handwritten digits")
     config = {
         "device": {"id": DEVICE, "groups": ["demo"]},
         "state_dir": str(work / "state"),
@@ -234,13 +237,13 @@ def demo(work: Path, procs: Processes) -> str:
         time.sleep(1)
 
     try:
-        say("4/7 deploy version 1 with edge-fleet")
+        say("4/8 deploy version 1 with edge-fleet")
         run(fleet, "deploy", work / "digits-v1", "--device", DEVICE, "--pub",
             work / "keys/signing.pub", *fleet_broker)  # fmt: skip
         watcher.wait_for(lambda: len(watcher.results) >= 20, 30, "results from v1")
         watcher.show(4)
 
-        say("5/7 hot-swap to version 2 while the camera runs")
+        say("5/8 hot-swap to version 2 while the camera runs")
         before = len(watcher.results)
         run(fleet, "deploy", work / "digits-v2", "--group", "demo", "--via", "mqtt", "--pub",
             work / "keys/signing.pub", *fleet_broker)  # fmt: skip
@@ -255,7 +258,7 @@ def demo(work: Path, procs: Processes) -> str:
             raise DemoFailed(f"the hot-swap lost {dropped} frame(s)")
         watcher.show(3)
 
-        say("6/7 deploy an unsigned model: the device must refuse it, v2 keeps serving")
+        say("6/8 deploy an unsigned model: the device must refuse it, v2 keeps serving")
         proc = subprocess.run(
             [str(fleet), "deploy", str(work / "digits-unsigned"), "--device", DEVICE,
              "--allow-unsigned", "--timeout", "60", *fleet_broker],
@@ -276,11 +279,93 @@ def demo(work: Path, procs: Processes) -> str:
         print(f"  {len(watcher.results)} results, top-1 correct on {acc:.1%} of the digits shown")
         if acc < 0.9:
             raise DemoFailed(f"accuracy {acc:.1%} is too low")
+        say("7/8 the fleet server: a device offline during a rollout gets v2 when it is back")
+        server = fleet_server(work, procs, host, port, prefix)
+        late = server_demo(work, procs, server, host, port, prefix)
     finally:
         watcher.close()
-    say("7/7 stop everything the demo started")
+    say("8/8 stop everything the demo started")
     procs.stop_all()
-    return f"v1 -> v2 hot-swap dropped 0 frames, unsigned model refused ({refused[-1]['code']})"
+    return (
+        f"v1 -> v2 hot-swap dropped 0 frames, unsigned model refused ({refused[-1]['code']}), "
+        f"{late}"
+    )
+
+
+def fleet_server(work: Path, procs: Processes, host: str, port: int, prefix: str) -> str:
+    """Start `edge-fleet server` on a free port; returns its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        api_port = s.getsockname()[1]
+    config = {
+        "data_dir": str(work / "fleet-data"),
+        "broker": {"host": host, "port": port, "prefix": prefix},
+        "http": {"bind": f"127.0.0.1:{api_port}"},
+        "trusted_keys": [str(work / "keys/signing.pub")],
+        "reconcile": {"interval_s": 0.5},
+    }
+    (work / "fleet-server.yaml").write_text(yaml.safe_dump(config))
+    procs.start(BIN / "edge-fleet", "server", "--config", work / "fleet-server.yaml",
+                log=work / "fleet-server.log")  # fmt: skip
+    token = work / "fleet-data/admin.token"
+    deadline = time.monotonic() + 30
+    while not token.exists() or not broker_answers("127.0.0.1", port):
+        if time.monotonic() > deadline:
+            raise DemoFailed("the fleet server did not start (see fleet-server.log)")
+        time.sleep(0.2)
+    print(f"  edge-fleet server on http://127.0.0.1:{api_port}, SQLite in fleet-data/")
+    return f"http://127.0.0.1:{api_port}"
+
+
+def server_demo(
+    work: Path, procs: Processes, server: str, host: str, port: int, prefix: str
+) -> str:
+    fleet = BIN / "edge-fleet"
+    auth = ["--server", server, "--token-file", str(work / "fleet-data/admin.token")]
+    second = "demo-pi-2"
+    config = yaml.safe_load((work / "agent.yaml").read_text())
+    config["device"]["id"] = second
+    config["state_dir"] = str(work / "state-2")
+    (work / "agent-2.yaml").write_text(yaml.safe_dump(config))
+    agent2 = procs.start(BIN / "edge-agent", "run", work / "agent-2.yaml", log=work / "agent-2.log")
+
+    def device(name: str) -> dict[str, Any] | None:
+        rows = json.loads(run(fleet, "status", *auth, "--json", quiet=True))["devices"]
+        return next((r for r in rows if r.get("device", r.get("id")) == name), None)
+
+    wait(lambda: (device(second) or {}).get("online"), 60, f"{second} to come online")
+    print(f"  {second} is online without a model; now it goes away (power cut, Wi-Fi...)")
+    agent2.send_signal(signal.SIGTERM)
+    agent2.wait(20)
+    wait(lambda: not (device(second) or {}).get("online", True), 30, f"{second} offline")
+    out = run(fleet, "deploy", work / "digits-v2", *auth, "--group", "demo", "--no-follow",
+              "--json", "--pub", work / "keys/signing.pub")  # fmt: skip
+    rollout = json.loads(out.strip().splitlines()[-1])["rollout"]["id"]
+    print(f"  rollout {rollout} declared; the CLI has exited and the server carries it on:")
+
+    def statuses() -> dict[str, str]:
+        view = json.loads(run(fleet, "rollouts", *auth, "--id", rollout, "--json", quiet=True))
+        return {d["device"]: d["status"] for d in view["devices"]}
+
+    wait(lambda: statuses() == {DEVICE: "done", second: "pending"}, 30,
+         f"{DEVICE} done (it runs v2 already) and {second} pending")  # fmt: skip
+    run(fleet, "rollouts", *auth, "--id", rollout)
+    print(f"  {second} comes back online")
+    procs.start(BIN / "edge-agent", "run", work / "agent-2.yaml", log=work / "agent-2b.log")
+    wait(lambda: statuses()[second] == "done", 90, f"{second} on digits v2, past probation")
+    if (device(second) or {}).get("models", {}).get("digits") != "2":
+        raise DemoFailed(f"{second} is done in the rollout but does not report digits v2")
+    run(fleet, "rollouts", *auth, "--id", rollout)
+    run(fleet, "history", second, *auth)
+    return f"{second}, offline during the rollout, brought to v2 by the fleet server"
+
+
+def wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"timed out waiting for {what}")
+        time.sleep(1.0)
 
 
 def main() -> int:

@@ -13,12 +13,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 : "${EDGE_TEST_MODELS:?EDGE_TEST_MODELS must name the prebuilt models (make test-pythons sets it)}"
-EXTRAS=litert,camera,metrics
-TEST_DEPS="pytest>=8 pytest-timeout>=2.2 hypothesis>=6 tomli>=2;python_version<'3.11'"
+EXTRAS=litert,camera,metrics,audio
+TEST_DEPS="pytest>=8 pytest-timeout>=2.2 hypothesis>=6 jinja2>=3.1 tomli>=2;python_version<'3.11'"
 # What needs TensorFlow or tflite-runtime (the converter's own tests, those runtimes):
 # left out here, run by `make test` in the main venv.
 LEFT_OUT=(-m "not workstation"
-          --ignore=tests/test_converter_cli.py --ignore=tests/test_converter_convert.py)
+          --ignore=tests/test_converter_cli.py --ignore=tests/test_converter_convert.py
+          --ignore=tests/server)
 
 find_python() {
     # The first candidate that runs and is that version (pyenv's shims exist for
@@ -36,7 +37,7 @@ find_python() {
 
 make_venv() {
     local py=$1 venv=$2 constraints=$3 key
-    key=$(cat pyproject.toml "$constraints" | sha256sum | cut -c1-16)
+    key=$( (cat pyproject.toml "$constraints"; echo "$EXTRAS $TEST_DEPS") | sha256sum | cut -c1-16)
     if [ -f "$venv/.installed-$key" ]; then return 0; fi
     rm -rf "$venv"
     "$py" -m venv "$venv" || return 1

@@ -1,9 +1,10 @@
 """Whether the tests run in a device venv (`make test-pythons`) instead of the main one.
 
-A device venv (Python 3.10 or 3.13, `litert,camera,metrics`) has neither TensorFlow nor
-tflite-runtime: tests marked ``tensorflow`` are left out there, models the tests build
-with TensorFlow come prebuilt from ``EDGE_TEST_MODELS`` (tests/prebuilt_models.py), and
-the runtime-parametrised tests run on ai-edge-litert only.
+A device venv (Python 3.10 or 3.13, `litert,camera,metrics,audio`) has neither
+TensorFlow nor tflite-runtime: tests marked ``tensorflow`` are left out there, models
+the tests build with TensorFlow come prebuilt from ``EDGE_TEST_MODELS``
+(tests/prebuilt_models.py), and the runtime-parametrised tests run on ai-edge-litert
+only.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -95,8 +96,12 @@ class SimDevice:
         results: bool = False,
         chunk_wait_s: float = 1.0,
         lose_chunks: int = 0,
+        drift: float | None = None,
+        drift_warning: str | None = None,
     ) -> None:
         self.broker = broker
+        self.drift = drift  # the pipeline's PSI in telemetry
+        self.drift_warning = drift_warning  # and its warning in state
         self.device = device
         self.topics = Topics(prefix)
         self.groups = list(groups)
@@ -193,7 +198,11 @@ class SimDevice:
             agent_version="sim-0.1",
             runtime=RuntimeInfo(name="simulated", version="0"),
             models=list(self.models.values()),
-            pipelines=[PipelineState(name=self.pipeline, model="digits", status="running")],
+            pipelines=[
+                PipelineState(
+                    name=self.pipeline, model="digits", status="running", drift=self.drift_warning
+                )
+            ],
             groups=self.groups,
             since=self.since,
             ts=time.time(),
@@ -210,7 +219,7 @@ class SimDevice:
             device=self.device,
             status=status,
             code=code,
-            message=message,  # type: ignore[arg-type]
+            message=message,
             ts=time.time(),
             **kw,
         )
@@ -475,6 +484,7 @@ class SimDevice:
                             frames_in=100,
                             results_out=99,
                             source_state="open",
+                            drift=self.drift,
                         )
                     },
                 ),
@@ -520,7 +530,14 @@ def make_bundle(
     dest: Path, model: bytes, *, version: str, keys: Keys | None, name: str = "digits"
 ) -> Path:
     """A small valid bundle; signed when keys are given."""
-    manifest: dict[str, Any] = {
+    manifest = manifest_of(model, version=version, name=name)
+    signature = sign_manifest(manifest, load_private_key(keys.private)) if keys else None
+    return write_bundle(dest, model, manifest, signature)
+
+
+def manifest_of(model: bytes, *, version: str, name: str = "digits") -> dict[str, Any]:
+    """A valid manifest of a small int8 classifier for ``model``'s bytes."""
+    return {
         "format": 1,
         "name": name,
         "version": version,
@@ -536,8 +553,6 @@ def make_bundle(
         "outputs": [{"name": "output", "shape": [1, 10], "dtype": "int8"}],
         "producer": {"converter": "tests"},
     }
-    signature = sign_manifest(manifest, load_private_key(keys.private)) if keys else None
-    return write_bundle(dest, model, manifest, signature)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -580,3 +595,60 @@ def json_out(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
         ) from None
     assert isinstance(data, dict)
     return data
+
+
+def deploy_over_mqtt(
+    broker: Any, device: str, pub: Path, bundle: Path, *args: str
+) -> tuple[int, dict[str, Any]]:
+    """``edge-fleet deploy BUNDLE --device DEVICE --via mqtt --json`` as a user runs it:
+    (exit code, the device's row of the JSON summary)."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleet", "deploy", str(bundle),
+         "--broker", f"{broker.host}:{broker.port}", "--device", device,
+         "--pub", str(pub), "--via", "mqtt", "--timeout", "120", "--json", *args],
+        capture_output=True, text=True, timeout=180, cwd=root,
+        env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(root))},
+    )  # fmt: skip
+    try:
+        (row,) = json.loads(proc.stdout.strip().splitlines()[-1])["devices"]
+    except (ValueError, IndexError):
+        raise AssertionError(f"rc {proc.returncode}: {proc.stdout!r} {proc.stderr!r}") from None
+    return proc.returncode, row
+
+
+def tiny_agent_config(
+    workdir: Path,
+    broker: Broker,
+    *,
+    device: str,
+    prefix: str,
+    trusted_key: Path,
+    pipeline: str = "cam",
+    model: str = "tiny",
+    fps: float = 20,
+    probation: dict[str, Any] | None = None,
+    models: dict[str, Any] | None = None,
+) -> Path:
+    """An agent's config file (agent.yaml in ``workdir``) for one pipeline of 8x8 grey
+    synthetic frames serving ``model``, trusting ``trusted_key``, quick to probation."""
+    config = {
+        "device": {"id": device},
+        "state_dir": str(workdir / "state"),
+        "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": prefix},
+        "runtime": {"num_threads": 1},
+        "models": {
+            "trusted_keys": [str(trusted_key)],
+            "probation": {"duration_s": 1.0, "min_inferences": 3, **(probation or {})},
+            **(models or {}),
+        },
+        "pipelines": [{
+            "name": pipeline, "model": model,
+            "source": {"type": "synthetic", "kind": "frames", "width": 8, "height": 8,
+                       "channels": 1, "fps": fps},
+        }],
+        "transfer": {"chunk_wait_s": 2.0},
+    }  # fmt: skip
+    path = workdir / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

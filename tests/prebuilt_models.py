@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests import converter_support, lifecycle_support, model_factory
+from tests import converter_support, keyword_models, lifecycle_support, model_factory
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [
@@ -25,9 +25,14 @@ SOURCES = [
     "tests/model_factory.py",
     "tests/converter_support.py",
     "tests/lifecycle_support.py",
+    "tests/keyword_models.py",
+    "agent/loops/audio_features.py",
     "agent/models/manifest.py",
+    "agent/models/health.py",
+    "agent/models/golden.py",
     "constraints/workstation.txt",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "converter").rglob("*.py")),
+    "agent/scenes.py",  # draws the colors example's data
 ]
 
 # name -> builder(dest), one per set of arguments some test passes.
@@ -47,6 +52,19 @@ MODELS: dict[str, Callable[[Path], object]] = {
         )
         for v in ("1", "2", "3")
     },
+    # Model health: a retrained digits model, the colors model and its retrained peer, and
+    # the shapes detector.
+    converter_support.digits_name("digits", "2", 100, "classify", 1): (
+        lambda d: converter_support.build_digits_bundle(d, "2", seed=1)
+    ),
+    **{
+        converter_support.colors_name("colors", v, 100, seed): (
+            lambda d, v=v, seed=seed: converter_support.build_colors_bundle(d, v, seed=seed)
+        )
+        for v, seed in (("1", 0), ("2", 1))
+    },
+    converter_support.shapes_name("shapes", "1", 100): converter_support.build_shapes_bundle,
+    keyword_models.KEYWORD_BUNDLE: keyword_models.build_keyword_bundle,
 }
 
 

@@ -2,8 +2,9 @@
 converter-built signed bundles, and `edge-fleet deploy` as the operator runs it.
 
 One agent process serves the module: deploy v1 over HTTP, hot-swap to v2 over MQTT
-chunks without losing a frame, refuse a tampered bundle while v2 keeps serving,
-roll back, and stop on SIGTERM with `online: false` as its last word.
+chunks without losing a frame, refuse a tampered bundle and one whose golden outputs
+differ while v2 keeps serving, roll back, and stop on SIGTERM with `online: false` as
+its last word.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 import yaml
 
 from agent.loops.sources.synthetic import digit_samples
-from agent.models.manifest import generate_keypair
+from agent.models.manifest import generate_keypair, read_bundle
 from agent.protocol import (
     ConfigCommand,
     DeployCommand,
@@ -37,6 +38,7 @@ from agent.protocol import (
     UrlArtifact,
 )
 from tests.converter_support import build_digits_bundle
+from tests.health_support import perturbed_golden
 from tests.mqtt_support import Broker, MessageCollector, publish
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,6 +222,28 @@ def test_tampered_bundle_is_refused_and_v2_keeps_serving(setup: Setup, tmp_path:
         r for r in messages(setup, "reply") if r.id == "tampered-1" and r.status == "failed"
     ]
     assert reply.code.value == "checksum_mismatch", reply
+    n = len(messages(setup, "results"))
+    wait_for(lambda: len(messages(setup, "results")) > n + 10, what="results after refusal")
+    assert {r.version for r in messages(setup, "results")[n:]} == {"2"}
+
+
+def test_wrong_golden_outputs_are_refused_with_the_figures_and_v2_keeps_serving(
+    setup: Setup, tmp_path: Path
+) -> None:
+    # Signed and intact, but its golden outputs are 9 steps off what this runtime
+    # computes: to the device, a runtime that computes the model wrongly.
+    key = setup.workdir / "fleet.key"
+    off = read_bundle(
+        perturbed_golden(setup.bundles["3"], tmp_path / "off", key, steps=9, every=3, version="3")
+    )
+    proc = fleet(setup, "deploy", str(off.path), "--device", "pi-e2e", "--pub", str(setup.pub),
+                 "--via", "mqtt", "--json")  # fmt: skip
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    (reply,) = [r for r in messages(setup, "reply") if r.status == "failed" and r.data
+                and r.data.get("version") == "3"]  # fmt: skip
+    assert reply.code.value == "validation_failed", reply
+    assert reply.message.startswith("digits 3: golden sample ")
+    assert reply.data is not None and reply.data["golden"]["over"] > 0
     n = len(messages(setup, "results"))
     wait_for(lambda: len(messages(setup, "results")) > n + 10, what="results after refusal")
     assert {r.version for r in messages(setup, "results")[n:]} == {"2"}

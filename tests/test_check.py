@@ -95,7 +95,7 @@ def test_missing_video_file_fails_with_a_remedy_and_nothing_is_created(
     assert code == 1, out
     assert rows["source door"].startswith("FAIL"), out
     assert f"video file not found: {tmp_path / 'clips/door.mp4'}" in rows["source door"]
-    assert "remedy: make pipelines.1.source.path name a video file" in rows["source door"]
+    assert "remedy: make pipelines.door.source.path name a video file" in rows["source door"]
     # The other rows still ran and passed; no stored model is a SKIP, not a failure.
     assert rows["source main"].startswith("PASS")
     assert rows["broker"].startswith("PASS")
@@ -300,3 +300,58 @@ def test_table_counts_warnings_apart() -> None:
         "              remedy: fix it",
         "1 passed, 0 failed, 0 skipped, 1 warned",
     ]
+
+
+# ------------------------------------------------------------------- result sizes
+
+
+def install_raw_model(state_dir: Path, model: Path) -> None:
+    """The tiny classifier stored as a ``raw`` model: one int8 output of 10 values."""
+    store = ModelStore(state_dir, require_signature=False)
+    manifest = {**manifest_for(model, "digits", "1"), "task": "raw", "labels": None}
+    store.install(manifest, None, model)
+    store.set_active("digits", "1")
+
+
+def test_a_raw_output_over_max_values_is_a_warning_naming_output_size_and_cap(
+    private_broker: Broker, tmp_path: Path, tiny_int8_model: Path
+) -> None:
+    pipeline = {"name": "main", "model": "digits", "source": DIGITS, "raw": {"max_values": 4}}
+    path = write_config(tmp_path, private_broker.port, pipelines=[pipeline])
+    install_raw_model(tmp_path / "state", tiny_int8_model)
+    status, rows, output = check(path)
+    assert status == 0, output
+    row = rows["results main"]
+    assert row.startswith("WARN") and "digits 1: raw output 'StatefulPartitionedCall" in row
+    assert "has 10 values per frame, over raw.max_values 4" in row
+    assert "remedy: raise pipelines[main].raw.max_values" in row
+    assert all(r.startswith("PASS") for name, r in rows.items() if name != "results main")
+
+
+def test_results_within_bounds_warn_of_nothing(tiny_int8_model: Path) -> None:
+    from agent.config import PipelineConfig
+    from agent.models.manifest import parse_manifest
+    from agent.ops.result_size import result_size_warning
+
+    base = manifest_for(tiny_int8_model, "digits", "1")
+    raw = parse_manifest({**base, "task": "raw", "labels": None})
+    classify = parse_manifest({**base, "labels": [f"class-{i:02d}" for i in range(10)]})
+
+    def pipeline(**over: Any) -> PipelineConfig:
+        return PipelineConfig.model_validate(
+            {"name": "p", "model": "digits", "source": DIGITS, **over}
+        )
+
+    assert result_size_warning(pipeline(), raw) is None  # 10 values, cap 64
+    assert result_size_warning(pipeline(raw={"max_values": 10}), raw) is None
+    assert result_size_warning(pipeline(top_k=10), classify) is None  # 10 classes: ~0.7 KB
+    big = parse_manifest(
+        {
+            **base,
+            "outputs": [{**base["outputs"][0], "shape": [1, 1000]}],
+            "labels": [f"a rather long label number {i}" for i in range(1000)],
+        }
+    )
+    warning = result_size_warning(pipeline(top_k=100), big)
+    assert warning is not None and "results may reach about" in warning
+    assert "KB (top_k classes), over 2 KB per result" in warning

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,3 +134,19 @@ def test_the_record_adds_route_columns_to_an_old_file(tmp_path: Path) -> None:
         record.close()
     with pytest.raises(RecordError):
         record.record("new-2", "done", p.ReplyCode.OK)
+
+
+def test_progress_carries_a_stages_figures_and_reports_when_they_change() -> None:
+    now = [0.0]
+    sent: list[tuple[Any, ...]] = []
+    report = ProgressReporter(lambda *args: sent.append(args), 0.5, lambda: now[0])
+    report("shadow", 0.0, {"frames": 0, "agreement": None})
+    now[0] = 1.0
+    report("shadow", 0.0, {"frames": 0, "agreement": None})  # nothing new
+    report("shadow", 0.0, {"frames": 3, "agreement": 1.0})  # the figures moved
+    report("swapping", None)  # without data: the two-argument call, as before
+    assert sent == [
+        ("shadow", 0.0, {"frames": 0, "agreement": None}),
+        ("shadow", 0.0, {"frames": 3, "agreement": 1.0}),
+        ("swapping", None),
+    ]

@@ -12,7 +12,8 @@ from agent.config_loading import load_config
 from agent.config_paths import check_files
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# The agent's configs (fleet-server.example.yaml is the server's: tests/server/test_service.py).
+CONFIGS = sorted((ROOT / "configs").glob("agent*.yaml"))
 EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
 
 
@@ -50,10 +51,14 @@ def test_example_documents_every_option() -> None:
     sections = [
         c.AgentConfig, c.DeviceConfig, c.MqttConfig, c.TlsConfig, c.ReconnectConfig,
         c.RuntimeConfig, c.ModelsConfig, c.ValidationConfig, c.ProbationConfig,
-        c.DownloadConfig, c.PipelineConfig, c.PublishConfig, c.TelemetryConfig,
+        c.DownloadConfig, c.PipelineConfig, c.PublishConfig, c.DriftConfig, c.CaptureConfig,
+        c.RawConfig,
+        c.SegmentConfig,
+        c.TelemetryConfig,
         c.HttpApiConfig, c.OutboxConfig, c.TransferConfig, c.CameraSource, c.PiCamera2Source,
         c.VideoSource,
-        c.ImagesSource, c.SensorSource, c.SyntheticSource,
+        c.ImagesSource, c.SensorSource, c.SyntheticSource, c.MicrophoneSource, c.WavSource,
+        c.KeywordConfig, c.IntegrationsConfig, c.HomeAssistantConfig,
     ]  # fmt: skip
     missing = [
         f"{s.__name__}.{name}"
@@ -81,7 +86,7 @@ def test_cli_check_names_a_misspelled_key(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert lines == [
         "mqtt.keeplive_s: unknown key (did you mean 'keepalive_s'?)",
-        "pipelines.0.source.fpz: unknown key (did you mean 'fps'?)",
+        "pipelines.door-cam.source.fpz: unknown key (did you mean 'fps'?)",
     ]
 
 
@@ -104,7 +109,7 @@ def test_missing_ca_file_is_named_with_its_key_path(tmp_path: Path) -> None:
         ({"runtime": {"delegate": "external"}}, "delegate 'external' needs delegate_path"),
         (
             {"pipelines": [{"name": "a", "model": "m", "source": {"type": "webcam"}}]},
-            "pipelines.0.source:",
+            "pipelines.a.source:",
         ),
         (
             {"pipelines": [{"name": "a", "model": "m", "source": SERIAL_WITHOUT_PORT}]},
@@ -162,3 +167,54 @@ def test_schema_command_prints_every_message() -> None:
         "Command", "Reply", "State", "Telemetry", "Result", "Chunk", "ChunkRequest",
     }  # fmt: skip
     assert run_agent("schema", "--message", "Nope").returncode == 2
+
+
+def _pipeline(name: object, **extra: object) -> dict[str, object]:
+    return {"name": name, "model": "m", "source": {"type": "synthetic"}, **extra}
+
+
+def test_a_problem_in_a_pipeline_names_it_as_the_config_command_does(tmp_path: Path) -> None:
+    """``pipelines.face.top_k``, the key a ``config`` command uses, not ``pipelines.1.top_k``."""
+    pipelines = [_pipeline("door"), _pipeline("face", top_k=0, publish={"mode": "rate"})]
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, {**MINIMAL, "pipelines": pipelines}))
+    assert sorted(info.value.problems) == [
+        "pipelines.face.publish: mode 'rate' needs max_per_s",
+        "pipelines.face.top_k: Input should be greater than or equal to 1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["a", None], "pipelines.1.name: required key missing"),  # no name to name it by
+        (["a", "b/c"], "pipelines.1.name: name 'b/c' may hold only"),  # not a valid name
+        (["a", "x.y"], "pipelines.1.top_k:"),  # a dot would split the key
+    ],
+)
+def test_a_pipeline_without_a_usable_name_is_named_by_position(
+    tmp_path: Path, names: list[object], expected: str
+) -> None:
+    pipelines = [_pipeline(n, top_k=0 if n == "x.y" else 3) for n in names]
+    for p in pipelines:
+        if p["name"] is None:
+            del p["name"]
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, {**MINIMAL, "pipelines": pipelines}))
+    assert any(line.startswith(expected) for line in info.value.problems), info.value.problems
+
+
+def test_pipelines_sharing_a_name_are_named_by_position(tmp_path: Path) -> None:
+    pipelines = [_pipeline("a"), _pipeline("a", top_k=0)]
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, {**MINIMAL, "pipelines": pipelines}))
+    assert info.value.problems[0].startswith("pipelines.1.top_k: ")
+
+
+def test_a_missing_source_file_names_its_pipeline(tmp_path: Path) -> None:
+    video = {"type": "video", "path": "clips/door.mp4"}
+    pipelines = [_pipeline("main"), {**_pipeline("door"), "source": video}]
+    config = load_config(write(tmp_path, {**MINIMAL, "pipelines": pipelines}))
+    assert check_files(config) == [
+        f"pipelines.door.source.path: file not found: {tmp_path / 'clips/door.mp4'}"
+    ]

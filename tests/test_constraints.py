@@ -29,8 +29,8 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # target: (Python, newest manylinux glibc of the OS, extras installed there)
 TARGETS = {
     "bookworm-tflite": ("3.11", 36, "tflite,litert,camera,metrics"),  # Debian 12, glibc 2.36
-    "trixie": ("3.13", 41, "litert,camera,metrics"),  # Debian 13, glibc 2.41
-    "jetpack6": ("3.10", 35, "litert,camera,metrics"),  # Ubuntu 22.04, glibc 2.35
+    "trixie": ("3.13", 41, "litert,camera,metrics,audio"),  # Debian 13, glibc 2.41
+    "jetpack6": ("3.10", 35, "litert,camera,metrics,audio"),  # Ubuntu 22.04, glibc 2.35
 }
 
 

@@ -137,6 +137,56 @@ def test_digits_int8_runs_on_both_device_runtimes(
     assert accuracy == pytest.approx(result["int8_accuracy"], abs=0.01)
 
 
+def test_digits_bundle_carries_reference_statistics_and_golden_samples(
+    converted: tuple[Path, dict[str, Any]], keys: Path, tmp_path: Path
+) -> None:
+    bundle, result = converted
+    assert (result["reference_samples"], result["golden_samples"]) == (360, 4)
+    m = read_bundle(bundle).manifest
+    assert m.reference is not None and m.reference.samples == 360
+    classify = m.reference.classify
+    assert classify is not None and classify.classes == 10
+    assert sum(classify.top1_freq) == pytest.approx(1.0, abs=1e-4)
+    assert m.golden is not None and m.golden.runtime.startswith("ai_edge_litert ")
+    assert (m.golden.tolerance_steps, len(m.golden.samples)) == (4.0, 4)
+    # Both are signed with the manifest: a changed tolerance does not verify.
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["golden"]["tolerance_steps"] = 100
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    proc = edge_convert("verify", copy, "--pub", keys / "signing.pub")
+    assert proc.returncode == 1 and "does not verify" in proc.stderr
+
+
+def test_bundle_of_a_foreign_tflite_records_them_from_val(
+    converted: tuple[Path, dict[str, Any]], digits: ExampleFiles, tmp_path: Path
+) -> None:
+    model = converted[0] / "model.tflite"
+    out = tmp_path / "b"
+    args = ("bundle", model, "-o", out, "--val", digits.val, "--std", "255", "--samples", "50")
+    proc = edge_convert(*args, "--golden", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert (result["reference_samples"], result["golden_samples"]) == (50, 2)
+    golden = read_bundle(out).manifest.golden
+    assert golden is not None
+    proc = edge_convert("inspect", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "  reference: classify outputs of 50 samples, top-1 confidence median" in proc.stdout
+    assert "  golden: 2 samples from ai_edge_litert " in proc.stdout
+    assert golden.samples[0].inputs[0].data not in proc.stdout  # no base64 on the screen
+    proc = edge_convert("inspect", out, "--json")
+    info = json.loads(proc.stdout)["bundle"]
+    assert info["golden"]["samples"] == 2 and "data" not in json.dumps(info["golden"])
+    assert (info["reference"]["kind"], info["reference"]["samples"]) == ("classify", 50)
+
+    proc = edge_convert(*args, "--golden", "17")
+    assert proc.returncode == 2
+    assert error_lines(proc) == ["edge-convert bundle: error: --golden must be 0..16, got 17"]
+    proc = edge_convert("bundle", model, "-o", tmp_path / "none", "--json")
+    assert json.loads(proc.stdout)["golden_samples"] == 0  # no --val: nothing to take them from
+
+
 def test_verify_accepts_the_signed_bundle(
     converted: tuple[Path, dict[str, Any]], keys: Path
 ) -> None:

@@ -70,7 +70,8 @@ def write_config(workdir: Path, state_dir: Path, broker: Broker, pub: Path) -> P
         "runtime": {"num_threads": 1},
         "models": {
             "trusted_keys": [str(pub)],
-            "probation": {"duration_s": 1.0, "min_inferences": 3},
+            # A shadow stage that ends soon (20 frames at 20 fps): it is a kill point here.
+            "probation": {"duration_s": 1.0, "min_inferences": 3, "shadow_frames": 20},
         },
         "telemetry": {"interval_s": 30},
         "pipelines": [{
@@ -262,6 +263,7 @@ STAGES = [
     ("receiving", "mqtt", "1"),
     ("installing", "http", "1"),
     ("validating", "http", "1"),
+    ("shadow", "http", "1"),  # beside version 1, not yet swapped in
     ("swapping", "http", "1"),
     ("probation", "http", "1"),
 ]

@@ -10,6 +10,7 @@ import pytest
 
 from agent.protocol import Command, PingCommand, Reply, ReplyCode, State
 from fleet.console import Event, ReplyEvent, StateEvent
+from fleet.render import progress_line, report_table
 from fleet.rollout import (
     EXIT_FAILED,
     EXIT_HALTED,
@@ -18,6 +19,7 @@ from fleet.rollout import (
     Canary,
     CommandRun,
     DeviceProgress,
+    RunReport,
     Target,
     apply_reply,
     outcome,
@@ -85,6 +87,24 @@ def test_canary_wave_prefers_online_devices() -> None:
     ]
 
 
+def test_the_rest_is_split_into_near_equal_waves() -> None:
+    targets = [Target(name, True, True) for name in "abcdefgh"]
+    waves = plan_waves(targets, Canary(count=1), rest_waves=3)
+    assert [[t.device for t in w] for w in waves] == [
+        ["a"],
+        ["b", "c", "d"],
+        ["e", "f"],
+        ["g", "h"],
+    ]
+    # More waves than devices: no empty wave.
+    assert [len(w) for w in plan_waves(targets[:3], Canary(count=1), rest_waves=5)] == [1, 1, 1]
+    # Without a canary, every target is split.
+    assert [len(w) for w in plan_waves(targets, None, rest_waves=3)] == [3, 3, 2]
+    assert plan_waves([], Canary(count=1), rest_waves=2) == []
+    with pytest.raises(ValueError, match="at least one wave"):
+        plan_waves(targets, None, rest_waves=0)
+
+
 def test_apply_reply_follows_stages_and_keeps_the_final_answer() -> None:
     p = DeviceProgress("a", 0, True, status="sent")
     assert apply_reply(p, "accepted", "accepted", "", None, None, None, 1.0)
@@ -96,6 +116,27 @@ def test_apply_reply_follows_stages_and_keeps_the_final_answer() -> None:
     assert (p.status, p.code, p.message, p.percent) == ("failed", "validation_failed", "NaN", None)
     assert not apply_reply(p, "done", "ok", "", None, None, None, 4.0)
     assert p.status == "failed" and p.finished_at == 3.0
+
+
+def test_a_shadow_stage_shows_its_running_agreement() -> None:
+    p = DeviceProgress("a", 0, True, status="accepted")
+    figures = {"frames": 40, "agreement": 0.975, "distance": None}
+    assert apply_reply(p, "progress", "in_progress", "shadow", "shadow", 40.0, figures, 2.0)
+    assert (p.status, p.percent, p.data) == ("shadow", 40.0, figures)
+    assert progress_line(p) == "  a                    shadow 40% agreement 0.97"
+    final = {"model": "digits", "shadow": {"cam": {**figures, "frames": 100}}}
+    assert apply_reply(p, "done", "ok", "", None, None, final, 3.0)
+    assert p.data == final and progress_line(p) == "  a                    done"
+
+
+def test_a_done_deploy_of_a_model_no_pipeline_uses_shows_the_devices_note() -> None:
+    p = DeviceProgress("a", 0, True, status="accepted")
+    note = "no pipeline uses model spare: version 1 is stored and validated, not served"
+    final = {"model": "spare", "pipelines": [], "served": False, "note": note}
+    assert apply_reply(p, "done", "ok", "", None, None, final, 3.0)
+    assert progress_line(p) == f"  a                    done  ({note})"
+    report = RunReport([p], halted=False, result="ok", exit_code=EXIT_OK, expires_at=0.0)
+    assert report_table(report).splitlines()[1].split(None, 4)[4] == note
 
 
 def test_outcome_precedence() -> None:

@@ -25,6 +25,8 @@ from agent.models.lifecycle import ModelLifecycle, ServingStats, SwapDone
 from agent.models.store import ModelStore
 from agent.models.validate import Requirements, Validator
 from agent.protocol import CommandFailed, ReplyCode
+from tests.converter_support import build_digits_bundle
+from tests.health_support import perturbed_golden
 from tests.lifecycle_support import (
     RUNTIMES,
     Keys,
@@ -121,6 +123,33 @@ def device(
             yield Device(runtime, tmp_path / "state", keys, worker, results, lifecycle)
         finally:
             lifecycle.stop()
+
+
+def test_a_model_no_pipeline_uses_is_stored_through_deploy_rollback_and_restart(
+    tmp_path: Path, keys: Keys, runtime: str, tiny_int8_model: Path
+) -> None:
+    def spare() -> tuple[str | None, str, str | None]:
+        (s,) = [m for m in d.lifecycle.model_states() if m.name == "spare"]
+        return s.active, s.status, s.message
+
+    with device(tmp_path, keys, runtime) as d:
+        first = d.deploy(tiny_int8_model, "1", name="spare")
+        assert (first["served"], first["pipelines"]) == (False, [])
+        assert d.stages == ["installing", "validating", "swapping"]  # no probation to wait for
+        d.deploy(tiny_int8_model, "2", name="spare")
+        active, status, message = spare()
+        assert (active, status) == ("2", "stored") and "no pipeline uses model spare" in (
+            message or ""
+        )
+        back = d.lifecycle.rollback("spare", "1", d.progress)
+        assert (back["version"], back["served"]) == ("1", False) and "spare" in back["note"]
+        active, status, message = spare()
+        assert (active, status) == ("1", "stored")
+        assert message and message.startswith("rolled back to 1 by command; no pipeline uses")
+        d.lifecycle.stop()
+        d.lifecycle = make_lifecycle(d.state_dir, keys, runtime, [d.worker])
+        assert spare()[:2] == ("1", "stored")  # as the restart found it
+        assert d.worker.serving_version() is None  # the pipeline's model, digits, is not stored
 
 
 def test_deploy_swaps_and_passes_probation(
@@ -634,3 +663,57 @@ def test_a_stop_during_probation_leaves_the_trial_to_the_next_start(
     with device(tmp_path, keys, runtime) as d:
         assert d.state() == ("1", "1", "serving")
         assert d.worker.serving_version() == "1"
+
+
+# ------------------------------------------------------------------ golden samples
+
+
+@pytest.fixture(scope="module")
+def digits_bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[mf.Bundle, mf.Bundle]:
+    """Converter-built digits bundles 1 and 2, with their golden samples (unsigned)."""
+    root = tmp_path_factory.mktemp("digits")
+    return (
+        mf.read_bundle(build_digits_bundle(root / "1", "1")),
+        mf.read_bundle(build_digits_bundle(root / "2", "2")),
+    )
+
+
+def test_wrong_golden_outputs_are_refused_and_the_active_model_keeps_serving(
+    tmp_path: Path, keys: Keys, runtime: str, digits_bundles: tuple[mf.Bundle, mf.Bundle]
+) -> None:
+    good, second = digits_bundles
+    # What a runtime that computes int8 wrongly looks like: outputs 9 steps off.
+    bad = mf.read_bundle(
+        perturbed_golden(
+            second.path,
+            tmp_path / "bad",
+            keys.private,
+            steps=9,
+            every=3,
+            version=second.manifest.version,
+        )
+    )
+    with device(tmp_path, keys, runtime) as d:
+        sig = mf.sign_manifest(good.manifest_data, keys.private)
+        done = d.lifecycle.deploy(good.manifest_data, sig, good.model_path, None, d.progress)
+        assert done["golden"]["samples"] == 4 and done["golden"]["over"] == 0
+        with pytest.raises(CommandFailed) as info:
+            d.lifecycle.deploy(bad.manifest_data, bad.signature, bad.model_path, None, d.progress)
+        assert info.value.code == ReplyCode.VALIDATION_FAILED
+        assert info.value.message.startswith("digits 2: golden sample ")
+        assert info.value.data is not None
+        assert (info.value.data["model"], info.value.data["version"]) == ("digits", "2")
+        assert info.value.data["golden"]["over"] > 0
+        assert d.state() == ("1", "1", "serving")
+        assert d.worker.serving_version() == "1"
+        assert d.lifecycle.store.versions("digits") == ["1"]
+    # Start-up validates the stored version's golden samples again: here the runtime
+    # "changed" under it (the stored outputs perturbed), so the model does not serve.
+    stored = tmp_path / "state/models/digits/1"
+    perturbed_golden(good.path, tmp_path / "bad1", None, steps=9, every=3, version="1")
+    (stored / mf.MANIFEST_FILE).write_bytes((tmp_path / "bad1" / mf.MANIFEST_FILE).read_bytes())
+    with device(tmp_path, keys, runtime) as d:
+        (state,) = d.lifecycle.model_states()
+        assert state.status == "degraded"
+        assert "golden sample" in (state.message or "")
+        assert d.worker.serving_version() is None

@@ -430,20 +430,26 @@ def test_every_fuzzed_payload_gets_a_final_reply_or_is_counted(
     token = base64.b64encode(hashlib.sha256(payload + str(time.monotonic()).encode()).digest()[:9])
     refused_before = sum(plane.dispatcher.refused.values())
     plane.send(payload, response_topic="edge/replies/fuzz", correlation_data=token)
-    # The plane still answers, and in order: by then the fuzzed payload was handled.
+    # The plane still answers: by then the fuzzed payload was received, and refused
+    # (counted) or taken; a command taken runs on its lane and may answer after the ping.
     plane.send(
         {"id": "alive", "op": "ping"}, response_topic="edge/replies/alive", correlation_data=token
     )
     plane.link.wait_for(
         lambda pub: any(m.correlation_data == token for m in pub if m.topic == "edge/replies/alive")
     )
-    answered = any(
-        m.correlation_data == token and json.loads(m.payload)["status"] in ("done", "failed")
-        for m in list(plane.link.published)
-        if m.topic == "edge/replies/fuzz"
-    )
+
+    def answered(pub: list[Published]) -> bool:
+        return any(
+            m.correlation_data == token and json.loads(m.payload)["status"] in ("done", "failed")
+            for m in pub
+            if m.topic == "edge/replies/fuzz"
+        )
+
     counted = sum(plane.dispatcher.refused.values()) == refused_before + 1
-    assert answered != counted
+    if not counted:
+        plane.link.wait_for(answered)
+    assert answered(list(plane.link.published)) != counted
 
 
 # ------------------------------------------------------------- lanes and the bound
@@ -622,3 +628,49 @@ def test_accepted_commands_are_answered_interrupted_after_a_restart(tmp_path: Pa
     finally:
         plane.dispatcher.stop()
     assert len([r for r in plane.replies("rb-9") if r["code"] == "interrupted"]) == 1
+
+
+class ShadowTarget(FakeTarget):
+    """Takes a deploy's own shadow settings and reports the shadow stage's figures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks: list[dict[str, Any]] = []
+
+    def deploy(  # type: ignore[override]
+        self,
+        manifest: dict[str, Any],
+        signature: str | None,
+        model_file: Path,
+        pipeline: str | None,
+        progress: p.Progress,
+        **checks: Any,
+    ) -> dict[str, Any]:
+        self.checks.append(checks)
+        progress("shadow", 40.0, {"frames": 40, "agreement": 0.975, "distance": None})
+        return {"model": manifest.get("name"), "version": manifest.get("version")}
+
+
+def test_a_deploys_shadow_settings_reach_the_target_and_its_figures_the_replies(
+    tmp_path: Path,
+) -> None:
+    plane = Plane(tmp_path, transfer={"allowed_schemes": ["file"]})
+    target = plane.dispatcher._target = ShadowTarget()
+    plane.dispatcher.start()
+    try:
+        model = tmp_path / "model.tflite"
+        model.write_bytes(b"TFL3" * 1000)
+        plane.send(_deploy("s1", model.as_uri(), model.read_bytes()))
+        plane.send(
+            _deploy("s2", model.as_uri(), model.read_bytes(), shadow=False, min_agreement=0.7)
+        )
+        assert plane.final("s1")["status"] == "done" and plane.final("s2")["status"] == "done"
+        # Only what a command sets is passed: a target that knows none of it still works.
+        assert target.checks == [{}, {"shadow": False, "min_agreement": 0.7}]
+        (shadow,) = [r for r in plane.replies("s1") if r.get("stage") == "shadow"]
+        assert (shadow["status"], shadow["percent"]) == ("progress", 40.0)
+        assert shadow["data"] == {"frames": 40, "agreement": 0.975, "distance": None}
+        plane.send(_deploy("s3", model.as_uri(), model.read_bytes(), min_agreement=1.5))
+        assert plane.final("s3")["code"] == "schema"
+    finally:
+        plane.dispatcher.stop()

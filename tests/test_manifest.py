@@ -101,7 +101,7 @@ def test_unknown_key_and_missing_signature(tmp_path: Path, keys: tuple[Path, Pat
     [
         ({"name": "../etc"}, "name:"),
         ({"version": "1/2"}, "version:"),
-        ({"task": "segment"}, "task:"),
+        ({"task": "segmentation"}, "task:"),
         ({"inputs": []}, "inputs:"),
         ({"surprise": 1}, "surprise: unknown key"),
     ],

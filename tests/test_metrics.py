@@ -104,6 +104,8 @@ def test_metrics_scraped_from_a_running_agent(
     assert value(found, "edge_agent_pipeline_results_out_total", pipeline="cam") >= 20
     assert value(found, "edge_agent_pipeline_frames_in_total", pipeline="cam") >= 20
     assert value(found, "edge_agent_pipeline_errors_total", pipeline="cam") == 0
+    assert value(found, "edge_agent_pipeline_captured", pipeline="cam") == 0  # capture off
+    assert value(found, "edge_agent_pipeline_capture_errors_total", pipeline="cam") == 0
     invoke = value(found, "edge_agent_pipeline_stage_latency_seconds", pipeline="cam",
                    stage="invoke", quantile="0.5")  # fmt: skip
     assert 0 < invoke < 1

@@ -218,7 +218,8 @@ class Disk:
 
 def big_result(frame: int) -> p.Result:
     """About 1.5 KB on the wire, so that a small database fills quickly."""
-    return result(frame).model_copy(update={"raw": [[0.123456] * 150]})
+    raw = [p.RawTensor(shape=[150], values=[0.123456] * 150)]
+    return result(frame).model_copy(update={"raw": raw})
 
 
 def test_a_failed_commit_loses_nothing_and_gives_out_no_seq(tmp_path: Path) -> None:

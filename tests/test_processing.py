@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.loops.postprocess import Classifier, Detector, PublishPolicy, RawOutputs
+from agent.loops.decoders.ssd import SsdDetector as Detector
+from agent.loops.postprocess import Classifier, PublishPolicy, RawOutputs
 from agent.loops.preprocess import (
     ImagePreprocessor,
     PreprocessError,
@@ -190,7 +191,8 @@ def test_detect_needs_four_outputs() -> None:
 
 def test_raw_outputs_dequantised() -> None:
     t = tensor((1, 2), "int8", scale=0.25, zp=2)
-    assert RawOutputs([t])([np.array([[2, 6]], np.int8)], None).raw == [[0.0, 1.0]]
+    [out] = RawOutputs([t])([np.array([[2, 6]], np.int8)], None).raw or []
+    assert (out.shape, out.values) == ([1, 2], [0.0, 1.0])
 
 
 def test_publish_policies() -> None:

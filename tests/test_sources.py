@@ -18,7 +18,8 @@ from agent.loops.sources import CaptureThread, EndOfStream, SourceError, create_
 from agent.loops.sources.base import Source, source_types
 from agent.loops.sources.jpeg import MjpegReader, reduction_for
 from agent.loops.sources.sensor import SensorWindows
-from agent.loops.sources.synthetic import digit_samples
+from agent.loops.sources.synthetic import COLOR_BANK, SyntheticFrames, digit_samples
+from agent.scenes import COLOR_LABELS, MAX_SHAPES, SHAPE_LABELS, color_patches
 
 
 def wait_until(predicate: Any, timeout: float = 10.0) -> None:
@@ -49,7 +50,9 @@ def drain(source: Source, n: int) -> list[tuple[np.ndarray, dict]]:
 
 
 def test_registry_knows_every_configured_type() -> None:
-    assert set(source_types()) == {"camera", "picamera2", "video", "images", "sensor", "synthetic"}
+    assert set(source_types()) == {
+        "camera", "picamera2", "video", "images", "sensor", "synthetic", "microphone", "wav"
+    }  # fmt: skip
 
 
 def test_picamera2_missing_is_a_clear_error() -> None:
@@ -81,6 +84,99 @@ def test_synthetic_frames_and_windows() -> None:
     windows.open()
     (w, _) = drain(windows, 1)[0]
     assert w.shape == (20, 3) and w.dtype == np.float32
+
+
+def test_synthetic_colors_are_bgr_patches_with_balanced_labels() -> None:
+    config = c.SyntheticSource(type="synthetic", kind="colors", width=40, height=24, seed=3)
+    src = create_source(config)
+    src.open()
+    reads = drain(src, COLOR_BANK)
+    frame, meta = reads[0]
+    assert frame.shape == (24, 40, 3) and frame.dtype == np.uint8 and "scene" not in meta
+    labels = [m["label"] for _, m in reads]
+    assert np.bincount(labels).tolist() == [COLOR_BANK // len(COLOR_LABELS)] * len(COLOR_LABELS)
+    # Blue patches (label 4) are blue in the frame's first channel: BGR, as cameras give.
+    blue = np.stack([f for f, m in reads if COLOR_LABELS[m["label"]] == "blue"]).mean((0, 1, 2))
+    assert blue[0] > 2 * blue[2]
+    # Patches vary (brightness, texture, noise); the same seed draws the same bank.
+    assert len({f.tobytes() for f, _ in reads}) == COLOR_BANK
+    again = create_source(config)
+    again.open()
+    assert np.array_equal(drain(again, 1)[0][0], frame)
+
+
+@pytest.mark.parametrize("kind", ["colors", "shapes"])
+def test_colour_scenes_need_three_channels(kind: str) -> None:
+    with pytest.raises(ValueError, match=f"kind '{kind}' needs channels 3"):
+        c.SyntheticSource(type="synthetic", kind=kind, channels=1)
+
+
+def test_synthetic_shapes_carry_their_boxes() -> None:
+    src = create_source(c.SyntheticSource(type="synthetic", kind="shapes", width=64, height=48))
+    src.open()
+    reads = drain(src, 40)
+    assert {len(m["objects"]) for _, m in reads} == set(range(MAX_SHAPES + 1))
+    for frame, meta in reads:
+        assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8
+        for obj in meta["objects"]:
+            y0, x0, y1, x1 = np.rint(np.multiply(obj["box"], (48, 64, 48, 64))).astype(int)
+            inside = frame[y0:y1, x0:x1].reshape(-1, 3).mean(axis=0)
+            # A flat square of its class's colour, in BGR: red squares are red last.
+            assert frame[y0:y1, x0:x1].std(axis=(0, 1)).max() < 30
+            if SHAPE_LABELS[obj["index"]] == "red":
+                assert inside[2] > inside[0] + 40
+            if SHAPE_LABELS[obj["index"]] == "blue":
+                assert inside[0] > inside[2] + 40
+
+
+def test_colour_cast_tints_patches_towards_orange() -> None:
+    labels = np.arange(len(COLOR_LABELS)).repeat(20)
+    plain = color_patches(np.random.default_rng(0), labels).astype(float).mean((1, 2))
+    cast = color_patches(np.random.default_rng(0), labels, cast=(255, 160, 40))
+    tinted = cast.astype(float).mean((1, 2))
+    blue = labels == COLOR_LABELS.index("blue")
+    # Red rises and blue falls on every colour: the light, not the objects, changed.
+    assert (tinted[:, 0] - tinted[:, 2]).mean() > (plain[:, 0] - plain[:, 2]).mean() + 60
+    assert tinted[blue, 2].mean() < plain[blue, 2].mean() - 40
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("kind", ["digits", "colors", "shapes", "frames", "windows"])
+def test_scene_changes_after_drift_after_s(kind: str) -> None:
+    clock = FakeClock()
+    config = c.SyntheticSource(
+        type="synthetic", kind=kind, width=8, height=8, channels=3, drift_after_s=30
+    )
+    steady_src = SyntheticFrames(config.model_copy(update={"drift_after_s": None}))
+    steady_src.open()
+    src = SyntheticFrames(config, clock=clock)
+    src.open()
+    before = drain(src, 2)
+    clock.now += 29.9
+    before += drain(src, 1)
+    clock.now += 0.1
+    after = drain(src, 2)
+    steady = drain(steady_src, 5)
+    assert [m["scene"] for _, m in before + after] == ["steady"] * 3 + ["drift"] * 2
+    for (frame, meta), (same, plain) in zip(before, steady[:3], strict=True):
+        assert meta.get("label") == plain.get("label")
+        assert meta.get("objects") == plain.get("objects")
+        if kind != "windows":  # windows carry fresh noise on every read
+            assert np.array_equal(frame, same)
+    for (frame, meta), (same, plain) in zip(after, steady[3:], strict=True):
+        assert meta.get("label") == plain.get("label")  # same objects, another scene
+        assert meta.get("objects") == plain.get("objects")
+        assert frame.shape == same.shape and frame.dtype == same.dtype
+        assert np.abs(frame.astype(float) - same.astype(float)).mean() > 0.5
+    if kind in ("digits", "frames"):
+        assert np.array_equal(after[0][0], 255 - steady[3][0])
 
 
 def test_video_file_loops_or_ends(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Every agent thread is supervised: a thread killed by an exception its loop does not
-catch is restarted (commands, worker, capture, results, HTTP) or ends the agent with a
+catch is restarted (commands, worker, capture, results, captures, HTTP) or ends the agent with a
 non-zero status (outbox, MQTT link), and either way it is logged and counted.
 
 A real agent in this process: a real broker, a real converter-built model on a real
@@ -75,7 +75,9 @@ def serving_agent(tmp_path: Path, broker: Broker, bundle: Path) -> Iterator[Serv
         "pipelines": [
             {"name": "cam", "model": "digits", "queue": "fifo",
              "source": {"type": "synthetic", "kind": "digits", "width": 32, "height": 32,
-                        "channels": 1, "fps": 50}},
+                        "channels": 1, "fps": 50},
+             "capture": {"enabled": True, "below": 0.995, "max_frames": 1000,
+                         "min_interval_s": 0}},
         ],
     }  # fmt: skip
     path = tmp_path / "agent.yaml"
@@ -171,6 +173,12 @@ def kill_results(s: Served) -> None:
     p._on_result = raise_once(p._on_result, ThreadKill("results"))  # type: ignore[method-assign]
 
 
+def kill_captures(s: Served) -> None:
+    c = s.agent.pipelines["cam"].captures
+    assert c is not None
+    c._take = raise_once(c._take, ThreadKill("captures"))  # type: ignore[method-assign]
+
+
 def kill_http(s: Served) -> None:
     assert s.agent.http is not None
     server = s.agent.http._server
@@ -185,6 +193,19 @@ def works_pipeline(s: Served) -> bool:
     return s.results_grow()
 
 
+def works_captures(s: Served) -> bool:
+    """A frame is kept (the digits model is unsure of a few of every 200)."""
+    c = s.agent.pipelines["cam"].captures
+    assert c is not None
+    mark = c.written
+    deadline = time.monotonic() + 30
+    while c.written == mark:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def works_http(s: Served) -> bool:
     return s.healthz() == 200
 
@@ -194,6 +215,7 @@ RESTARTED = {
     "worker-cam": (kill_worker, works_pipeline),
     "capture-cam": (kill_capture, works_pipeline),
     "results-cam": (kill_results, works_pipeline),
+    "captures-cam": (kill_captures, works_captures),
     "http-api": (kill_http, works_http),
 }
 

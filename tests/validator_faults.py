@@ -1,4 +1,5 @@
-"""A validation child that misbehaves on purpose: ``python tests/validator_faults.py MODE ARGS``.
+"""A validation child that misbehaves on purpose: ``python tests/validator_faults.py MODE``
+(the arguments come on stdin, as for the real child).
 
 It is the real ``agent.models.validate_child`` with the runtime's loader replaced:
 ``abort`` kills the process (as a segfaulting model would), ``hang`` never returns,
@@ -35,9 +36,8 @@ def _faulty_loader(mode: str) -> Any:
 
 
 def main() -> int:
-    mode, args = sys.argv[1], sys.argv[2]
-    rt.load_model = _faulty_loader(mode)  # type: ignore[assignment]
-    return validate_child.main([args])
+    rt.load_model = _faulty_loader(sys.argv[1])  # type: ignore[assignment]
+    return validate_child.main([])
 
 
 if __name__ == "__main__":

@@ -49,7 +49,12 @@ class CommandTarget(Protocol):
         model_file: Path,
         pipeline: str | None,
         progress: p.Progress,
-    ) -> dict[str, Any]: ...
+        *,
+        shadow: bool | None = None,
+        min_agreement: float | None = None,
+    ) -> dict[str, Any]:
+        """``shadow`` and ``min_agreement`` are passed only when the command sets them."""
+        ...
 
     def rollback(
         self, model: str, to_version: str | None, progress: p.Progress
@@ -234,6 +239,12 @@ class CommandDispatcher:
             self.ignored += 1
             if self.ignored % 100 == 1:
                 log.warning("command queue full: ignored %d command(s) so far", self.ignored)
+
+    def submit(self, payload: bytes) -> None:
+        """A command made on the device (a Home Assistant button press): handled as if
+        it had arrived on the device's command topic, with the same checks, record and
+        replies. Never blocks (network thread)."""
+        self._on_message(Incoming(topic=self._topics.cmd(self.device), payload=payload))
 
     def _wake(self) -> None:
         try:
@@ -429,10 +440,16 @@ class CommandDispatcher:
         model_file = self._fetcher.fetch(
             command.id, command.artifact, manifest, progress, signature=command.signature
         )
+        # Only what the command sets: a target that knows none of them still works.
+        checks: dict[str, Any] = {
+            k: v
+            for k, v in (("shadow", command.shadow), ("min_agreement", command.min_agreement))
+            if v is not None
+        }
         try:
             return self._changed(
                 self._target.deploy(
-                    manifest, command.signature, model_file, command.pipeline, progress
+                    manifest, command.signature, model_file, command.pipeline, progress, **checks
                 )
             )
         finally:
@@ -506,9 +523,9 @@ class CommandDispatcher:
             except RecordError as exc:
                 self._unrecorded.count("stage", f"{command_id}: {exc}")
 
-        def send(stage: str, percent: float | None) -> None:
+        def send(stage: str, percent: float | None, data: dict[str, Any] | None = None, /) -> None:
             self._reply(
-                route, command_id, "progress", p.ReplyCode.IN_PROGRESS, stage, None, stage, percent
+                route, command_id, "progress", p.ReplyCode.IN_PROGRESS, stage, data, stage, percent
             )
 
         return ProgressReporter(send, on_new_stage=note)

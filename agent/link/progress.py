@@ -6,13 +6,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from agent.ops import faults
 
 PROGRESS_INTERVAL_S = 0.5
 
-# Sends one progress reply: (stage, percent clamped to 0..100, or None).
-SendProgress = Callable[[str, float | None], None]
+
+class SendProgress(Protocol):
+    """Sends one progress reply: (stage, percent clamped to 0..100 or None[, data]).
+    Called with two arguments when there is no data, so a two-argument sender works."""
+
+    def __call__(
+        self, stage: str, percent: float | None, data: dict[str, Any] | None = None, /
+    ) -> None: ...
 
 
 class ProgressReporter:
@@ -35,9 +42,12 @@ class ProgressReporter:
         self._clock = clock
         self._stage: str | None = None
         self._percent: float | None = None
+        self._data: dict[str, Any] | None = None
         self._at = 0.0
 
-    def __call__(self, stage: str, percent: float | None) -> None:
+    def __call__(
+        self, stage: str, percent: float | None, data: dict[str, Any] | None = None
+    ) -> None:
         if stage != self._stage and self._on_new_stage is not None:
             # Before the seam below, so a crash in this stage is known to be in it.
             self._on_new_stage(stage)
@@ -45,10 +55,15 @@ class ProgressReporter:
         faults.at_stage(stage, percent)
         now = self._clock()
         if stage == self._stage and percent != 100.0:
-            if now - self._at < self._interval_s or percent == self._percent:
+            if now - self._at < self._interval_s or (
+                percent == self._percent and data == self._data
+            ):
                 return
-        self._stage, self._percent, self._at = stage, percent, now
-        self._send(stage, _clamped(percent))
+        self._stage, self._percent, self._data, self._at = stage, percent, data, now
+        if data is None:
+            self._send(stage, _clamped(percent))
+        else:
+            self._send(stage, _clamped(percent), data)
 
 
 def _clamped(percent: float | None) -> float | None:

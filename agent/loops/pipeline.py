@@ -12,7 +12,11 @@ it, and the capture thread pre-processes with whatever processing the worker las
 built. A frame prepared for another version (or before any) is pre-processed again
 on the worker, so a swap never feeds a model a tensor shaped for its predecessor.
 Each result carries the processing that prepared its frame, and the results thread
-post-processes it with that.
+post-processes it with that. The processing also carries its version's reference
+statistics, against which the results thread keeps the drift window (agent.loops.drift):
+a few appends per frame, binned only when read. With ``pipelines[].capture`` on, the
+frame as the source gave it rides with its result (a reference), and the results
+thread offers the least confident to the pipeline's ``FrameCapture`` (agent.loops.capture).
 """
 
 from __future__ import annotations
@@ -29,20 +33,29 @@ from typing import Any
 import numpy as np
 
 from agent.config import PipelineConfig
+from agent.loops.capture import FrameCapture
+from agent.loops.decoders import make_detector
+from agent.loops.drift import DriftMonitor
 from agent.loops.frames import Frame, FrameQueue, LatestFrameSlot
-from agent.loops.postprocess import Classifier, Detector, Output, PublishPolicy, RawOutputs
+from agent.loops.keypoints import KeypointsDecoder
+from agent.loops.keyword import KeywordSpotter
+from agent.loops.postprocess import Classifier, Output, PublishPolicy, RawOutputs
 from agent.loops.preprocess import (
     ImagePreprocessor,
     Transform,
     limit_opencv_threads,
     make_preprocessor,
 )
+from agent.loops.segment import Segmenter
 from agent.loops.sources import CaptureThread, Source, create_source
+from agent.loops.sources.audio import AUDIO_TIME
 from agent.loops.sources.base import FrameSink
 from agent.loops.sources.jpeg import SOURCE_SIZE
 from agent.loops.stats import LatencyWindow, RateMeter
+from agent.loops.stream_state import StreamState
 from agent.loops.worker import InferenceResult, InferenceWorker, ServedModel
-from agent.models.manifest import Manifest
+from agent.models.health import Reference
+from agent.models.manifest import Manifest, StateLink
 from agent.models.runtime import LoadedModel
 from agent.protocol import PipelineState, PipelineTelemetry, Result, StageLatency
 from agent.threads import SUPPORT_NICE, Watch, lower_priority
@@ -65,15 +78,25 @@ class _Processing:
     pre: Callable[[np.ndarray], tuple[np.ndarray, Transform | None]]
     post: Callable[..., Output]
     input_index: int
+    reference: Reference | None = None
+    # Tensor indexes of the outputs ``post`` reads, in order: all but the state outputs.
+    outputs: tuple[int, ...] = ()
+    # A streaming model's state links (manifest ``state``), else None.
+    state: list[StateLink] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class _FrameContext:
-    """What the results thread needs to know about how a frame was prepared."""
+    """What the results thread needs to know about how a frame was prepared; ``source``
+    is the frame as the source gave it, kept (a reference) only while capture or a shadow
+    evaluation wants it."""
 
     processing: _Processing
     transform: Transform | None
     pre_ms: float
+    source: Frame | None = None
+    # The frame's time on its audio clock (audio sources), for a keyword's refractory time.
+    audio_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +111,48 @@ class _Prepared:
     ms: float
 
 
-def _preprocess(proc: _Processing, frame: Frame) -> tuple[np.ndarray, Transform | None]:
+def preprocess_frame(proc: _Processing, frame: Frame) -> tuple[np.ndarray, Transform | None]:
     tensor, transform = proc.pre(frame.data)
     source_size = frame.meta.get(SOURCE_SIZE)
     if transform is not None and source_size is not None:
         # The source decoded a reduced copy: boxes still go back to its full size.
         transform = transform.for_source(*source_size)
     return tensor, transform
+
+
+def build_processing(
+    version: str, manifest: Manifest, loaded: LoadedModel, config: PipelineConfig
+) -> _Processing:
+    """Pre- and post-processing of one model version, from its manifest, the
+    interpreter's tensors and the pipeline's settings."""
+    tensor = loaded.inputs[manifest.frame_input]
+    pre = make_preprocessor(tensor, manifest.preprocess, config.resize)
+    carried = {link.output for link in manifest.state or ()}
+    outputs = [o for o in loaded.outputs if o.name not in carried]
+    labels = manifest.labels
+    post: Callable[..., Output]
+    size = (pre.width, pre.height) if isinstance(pre, ImagePreprocessor) else (1, 1)
+    if manifest.task == "classify":
+        post = Classifier(outputs, labels, config.top_k, config.threshold)
+    elif manifest.task == "detect":
+        post = make_detector(manifest, outputs, labels, size, config.threshold)
+    elif manifest.task == "keyword":
+        post = KeywordSpotter(outputs, labels, config.keyword, config.threshold)
+    elif manifest.task == "keypoints":
+        post = KeypointsDecoder(outputs, labels, size, config.threshold)
+    elif manifest.task == "segment":
+        post = Segmenter(outputs, labels, size, config.segment)
+    else:
+        post = RawOutputs(outputs, config.raw.max_values)
+    return _Processing(
+        version,
+        pre,
+        post,
+        tensor.index,
+        manifest.reference,
+        tuple(o.index for o in outputs),
+        manifest.state,
+    )
 
 
 class _PrepareAhead:
@@ -111,7 +169,7 @@ class _PrepareAhead:
         if proc is not None:
             start = time.perf_counter()
             try:
-                tensor, transform = _preprocess(proc, frame)
+                tensor, transform = preprocess_frame(proc, frame)
             except Exception:  # reported by the worker, which tries again
                 pass
             else:
@@ -131,6 +189,7 @@ class Pipeline:
         publish: ResultSink,
         load: Callable[[Path], LoadedModel],
         source: Source | None = None,
+        captures: FrameCapture | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -138,7 +197,9 @@ class Pipeline:
         self._manifests = manifests
         self._publish = publish
         self.source = source if source is not None else create_source(config.source)
-        live = self.source.live or config.queue == "latest"
+        # A live source too may queue (``queue: fifo``): a streaming model must see
+        # every window, and a slot that keeps the latest drops some.
+        live = config.queue == "latest"
         self.frames: LatestFrameSlot | FrameQueue = (
             LatestFrameSlot() if live else FrameQueue(QUEUE_FRAMES)
         )
@@ -155,9 +216,14 @@ class Pipeline:
         self.policy = PublishPolicy(
             config.publish.mode, config.publish.max_per_s, config.publish.score_delta
         )
+        self.drift = DriftMonitor(config.name, config.drift)
+        # Frames worth labelling (pipelines[].capture); None when capture is off.
+        self.captures = captures
         # The processing for the version being served: built by the worker thread,
         # read by the capture thread (prepare ahead), replaced by ``update``.
         self._processing: _Processing | None = None
+        # A streaming model's state, for the loaded model it belongs to: the worker's alone.
+        self._stream: StreamState | None = None
         self._results: queue.Queue[InferenceResult] = queue.Queue(RESULTS_QUEUE)
         self._results_stop = threading.Event()
         self._results_thread: threading.Thread | None = None
@@ -166,6 +232,9 @@ class Pipeline:
         # only when it ends, so that one source never has two readers.
         self._capture_after: CaptureThread | None = None
         self._capture_lock = threading.Lock()
+        # Set while a shadow evaluation runs (agent.loops.shadow): the results thread
+        # offers it each source frame with the serving version's output for it.
+        self.shadow_tap: Callable[[Frame, Output, Callable[[], Result]], object] | None = None
         # Written by the results thread only.
         self.latency = {stage: LatencyWindow() for stage in STAGES}
         self.results_out = 0
@@ -179,8 +248,11 @@ class Pipeline:
 
     def start(self) -> None:
         limit_opencv_threads()
+        self._stream = None  # a streaming model starts from zero state
         self._results_stop.clear()
         self._start_results()
+        if self.captures is not None:
+            self.captures.start()
         self.worker.start()
         self.capture.start()
 
@@ -213,6 +285,8 @@ class Pipeline:
         if self._results_thread is not None:
             self._results_thread.join(share(1.0))
             self._results_thread = None
+        if self.captures is not None:
+            self.captures.stop(share(1.0))
 
     @property
     def busy(self) -> bool:
@@ -225,6 +299,7 @@ class Pipeline:
         self.policy = PublishPolicy(
             config.publish.mode, config.publish.max_per_s, config.publish.score_delta
         )
+        self.drift.configure(config.drift)
         # The worker rebuilds its processing (threshold, top_k) on its next frame.
         self._processing = None
 
@@ -270,7 +345,7 @@ class Pipeline:
         def results_thread() -> threading.Thread | None:
             return None if self._results_stop.is_set() else self._results_thread
 
-        return [
+        watches = [
             Watch(
                 f"worker-{self.name}",
                 self.worker.thread,
@@ -285,6 +360,17 @@ class Pipeline:
                 self.restart_results,
             ),
         ]
+        captures = self.captures
+        if captures is not None:
+            watches.append(
+                Watch(
+                    f"captures-{self.name}",
+                    captures.thread,
+                    captures.heartbeat,
+                    captures.restart_thread,
+                )
+            )
+        return watches
 
     # --------------------------------------------------------------- worker hooks
 
@@ -295,19 +381,8 @@ class Pipeline:
         manifest = self._manifests(model.name, model.version)
         if manifest is None:
             raise RuntimeError(f"no manifest for {model.name} {model.version}")
-        tensor = model.loaded.inputs[0]
-        pre = make_preprocessor(tensor, manifest.preprocess, self.config.resize)
-        outputs = model.loaded.outputs
-        labels = manifest.labels
-        post: Callable[..., Output]
-        if manifest.task == "classify":
-            post = Classifier(outputs, labels, self.config.top_k, self.config.threshold)
-        elif manifest.task == "detect":
-            size = (pre.width, pre.height) if isinstance(pre, ImagePreprocessor) else (1, 1)
-            post = Detector(outputs, labels, size, self.config.threshold)
-        else:
-            post = RawOutputs(outputs)
-        proc = _Processing(model.version, pre, post, tensor.index)
+        proc = build_processing(model.version, manifest, model.loaded, self.config)
+        pre = proc.pre
         # An MJPG source may now decode at no more than the model needs.
         self.source.target_size = (
             (pre.width, pre.height) if isinstance(pre, ImagePreprocessor) else None
@@ -315,24 +390,58 @@ class Pipeline:
         self._processing = proc
         return proc
 
+    def _stream_of(self, model: ServedModel, proc: _Processing) -> StreamState | None:
+        """The state of the loaded model being served: a new (zero) one for a new load."""
+        if proc.state is None:
+            return None
+        stream = self._stream
+        if stream is None or stream.loaded is not model.loaded:
+            stream = StreamState(model.loaded, proc.state)
+            self._stream = stream
+            if isinstance(self.frames, LatestFrameSlot):
+                logger.warning(
+                    "pipeline %s: %s %s keeps state between windows but the queue is "
+                    "'latest': dropped windows break its stream (set queue: fifo)",
+                    self.name,
+                    model.name,
+                    model.version,
+                )
+        return stream
+
     def _prepare(self, model: ServedModel, frame: Frame) -> _FrameContext:
         proc = self._processing_for(model)
+        stream = self._stream_of(model, proc)
+        if stream is not None:
+            stream.feed()
         data = frame.data
+        keep_source = self.captures is not None or self.shadow_tap is not None
         if isinstance(data, _Prepared):
             if data.processing is proc:
                 model.loaded.interpreter.set_tensor(proc.input_index, data.tensor)
-                return _FrameContext(proc, data.transform, data.ms)
+                source = Frame(frame.seq, frame.ts, data.raw, frame.meta) if keep_source else None
+                return _FrameContext(
+                    proc, data.transform, data.ms, source, frame.meta.get(AUDIO_TIME)
+                )
             frame = Frame(frame.seq, frame.ts, data.raw, frame.meta)
         start = time.perf_counter()
-        tensor, transform = _preprocess(proc, frame)
+        tensor, transform = preprocess_frame(proc, frame)
         model.loaded.interpreter.set_tensor(proc.input_index, tensor)
-        return _FrameContext(proc, transform, (time.perf_counter() - start) * 1000)
+        ms = (time.perf_counter() - start) * 1000
+        return _FrameContext(
+            proc, transform, ms, frame if keep_source else None, frame.meta.get(AUDIO_TIME)
+        )
 
     def _finish(self, model: ServedModel, frame: Frame) -> list[np.ndarray]:
         interpreter = model.loaded.interpreter
-        # Raw output tensors (copies) go back to the worker, which checks them for
-        # NaN/inf (probation) before the results thread post-processes them.
-        return [interpreter.get_tensor(o.index) for o in model.loaded.outputs]
+        stream = self._stream
+        if stream is None or stream.loaded is not model.loaded:
+            # Raw output tensors (copies) go back to the worker, which checks them for
+            # NaN/inf (probation) before the results thread post-processes them.
+            return [interpreter.get_tensor(o.index) for o in model.loaded.outputs]
+        stream.keep()
+        carried = stream.outputs
+        outputs = model.loaded.outputs
+        return [interpreter.get_tensor(o.index) for o in outputs if o.index not in carried]
 
     def _hand_on(self, result: InferenceResult) -> None:
         """The worker's sink: queue the result for the results thread. Waits when that
@@ -375,7 +484,14 @@ class Pipeline:
     def _on_result(self, result: InferenceResult) -> None:
         context: _FrameContext = result.context
         start = time.perf_counter()
-        output = context.processing.post(result.outputs, context.transform)
+        post = context.processing.post
+        if isinstance(post, KeywordSpotter):
+            audio_s = context.audio_s
+            output = post(
+                result.outputs, context.transform, result.ts if audio_s is None else audio_s
+            )
+        else:
+            output = post(result.outputs, context.transform)
         post_ms = (time.perf_counter() - start) * 1000
         lat = self.latency
         to_done_ms = (result.done - result.ts) * 1000
@@ -383,28 +499,42 @@ class Pipeline:
         lat["preprocess"].add(context.pre_ms)
         lat["invoke"].add(result.invoke_ms)
         lat["postprocess"].add(post_ms)
-        if not self.policy.should_publish(output):
+        # Every result counts, published or not: drift is about what the model sees.
+        self.drift.add(result.version, context.processing.reference, output)
+        latency_ms = context.pre_ms + result.invoke_ms + post_ms
+        tap = self.shadow_tap
+        if tap is not None and context.source is not None:
+            # A 1-deep hand-over: never waits. The result is built only for a capture.
+            tap(context.source, output, lambda: self._result(result, output, latency_ms))
+        if self.captures is not None and context.source is not None:
+            self.captures.consider(
+                context.source, output, lambda: self._result(result, output, latency_ms)
+            )
+        if output.silent or not self.policy.should_publish(output):
             self.suppressed += 1
             return
-        self._publish(
-            Result(
-                device=self.device,
-                pipeline=self.name,
-                seq=0,  # the outbox assigns the per-device sequence number
-                ts=result.ts,
-                frame=result.seq,
-                model=result.model,
-                version=result.version,
-                latency_ms=round(context.pre_ms + result.invoke_ms + post_ms, 3),
-                classes=output.classes,
-                detections=output.detections,
-                raw=output.raw,
-            )
-        )
+        self._publish(self._result(result, output, latency_ms))
         # From the worker's hand-over to the outbox's, less the post-processing.
         handover_ms = (time.time() - result.done) * 1000 - post_ms
         lat["handover"].add(max(0.0, handover_ms))
         self.results_out += 1
+
+    def _result(self, result: InferenceResult, output: Output, latency_ms: float) -> Result:
+        return Result(
+            device=self.device,
+            pipeline=self.name,
+            seq=0,  # the outbox assigns the per-device sequence number
+            ts=result.ts,
+            frame=result.seq,
+            model=result.model,
+            version=result.version,
+            latency_ms=round(latency_ms, 3),
+            classes=output.classes,
+            detections=output.detections,
+            keypoints=output.keypoints,
+            segmentation=output.segmentation,
+            raw=output.raw,
+        )
 
     # ------------------------------------------------------------------ reporting
 
@@ -428,7 +558,13 @@ class Pipeline:
             model=f"{self.config.model}:{version}" if version else self.config.model,
             status=status,
             message=message,
+            drift=self.drift.warning if version is not None else None,
         )
+
+    def check_drift(self) -> str | None:
+        """Bin the drift window now (the service's tick); the warning, if any."""
+        self.drift.evaluate(self.worker.serving_version())
+        return self.drift.warning
 
     def telemetry(self, now: float, reader: str = "telemetry") -> PipelineTelemetry:
         """The pipeline's figures; ``fps`` is over the time since ``reader`` last asked."""
@@ -438,10 +574,12 @@ class Pipeline:
             if p50 is not None:
                 stages[stage] = StageLatency(p50=p50, p95=p95, p99=p99)
         invoke = stages.get("invoke")
-        stats = self.worker.stats(self.worker.serving_version() or "")
+        version = self.worker.serving_version()
+        stats = self.worker.stats(version or "")
+        drift = self.drift.evaluate(version)
         return PipelineTelemetry(
             model=self.config.model,
-            version=self.worker.serving_version(),
+            version=version,
             fps=self._fps.setdefault(reader, RateMeter()).rate(
                 self.results_out + self.suppressed, now
             ),
@@ -454,4 +592,8 @@ class Pipeline:
             source_failures=self.capture.failures,
             errors=(stats.errors if stats else 0) + self.errors,
             stages=stages,
+            drift=drift.distance if drift else None,
+            confidence=drift.confidence if drift else None,
+            captured=self.captures.captured if self.captures is not None else 0,
+            capture_errors=self.captures.errors if self.captures is not None else 0,
         )

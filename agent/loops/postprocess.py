@@ -4,41 +4,66 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from agent.loops.preprocess import Transform
+from agent.models.health import OutputWindow, probabilities
 from agent.models.runtime import TensorInfo
-from agent.protocol import ClassScore, Detection
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
-def _looks_like_probabilities(x: np.ndarray) -> bool:
-    return bool(x.min() >= -1e-3 and x.max() <= 1 + 1e-3 and abs(x.sum() - 1) < 0.05)
+from agent.protocol import ClassScore, Detection, Keypoint, RawTensor, Segmentation
 
 
 @dataclass(frozen=True)
 class Output:
-    """What a post-processor hands on: the protocol's fields for one result."""
+    """What a post-processor hands on: the protocol's fields for one result, and what
+    the drift statistics summarise, taken before the pipeline's own threshold (the
+    reference statistics know nothing of it): ``top1`` (classify: index and
+    probability), ``scores`` (detect: every counted detection's score; keypoints: every
+    point's score), ``tensors`` (raw: the dequantised outputs), ``class_map`` (segment:
+    the reduced class map, for drift and a shadow's agreement). Those are never published.
+    ``silent``: nothing to publish for this frame (a keyword spotter's window where no
+    keyword fired); it still counts for drift."""
 
     classes: list[ClassScore] | None = None
     detections: list[Detection] | None = None
-    raw: list[list[float]] | None = None
+    raw: list[RawTensor] | None = None
+    keypoints: list[Keypoint] | None = None
+    segmentation: Segmentation | None = None
+    top1: tuple[int, float] | None = None
+    scores: np.ndarray | None = field(default=None, compare=False)
+    tensors: list[np.ndarray] | None = field(default=None, compare=False)
+    silent: bool = False
+    class_map: np.ndarray | None = field(default=None, compare=False)
 
     @property
     def top(self) -> tuple[int, float] | None:
-        """(index, score) of the best class or detection, for change detection."""
+        """(index, score) of the best class or detection, for change detection; a pose:
+        (0, its mean point score); a segmentation: its largest class and that class's area."""
         if self.classes:
             return self.classes[0].index, self.classes[0].score
         if self.detections:
             best = max(self.detections, key=lambda d: d.score)
             return best.index, best.score
+        if self.keypoints:
+            return 0, sum(p.score or 0.0 for p in self.keypoints) / len(self.keypoints)
+        if self.segmentation is not None and self.segmentation.classes:
+            largest = self.segmentation.classes[0]
+            return largest.index, largest.area
         return None
+
+
+def summarise(window: OutputWindow, output: Output) -> None:
+    """Add one frame's output summary (taken before the pipeline's threshold) to a
+    reference window: drift in the field and a shadow candidate's distance alike."""
+    if output.top1 is not None:
+        window.add_classes(*output.top1)
+    elif output.scores is not None:
+        window.add_detections(output.scores)
+    elif output.tensors is not None:
+        window.add_raw(output.tensors)
+    elif output.class_map is not None:
+        window.add_segment(output.class_map)
 
 
 class Classifier:
@@ -84,108 +109,70 @@ class Classifier:
             t = self.tensor
             top = ((raw[best].astype(np.float32) - t.zero_point) * np.float32(t.scale)).tolist()
         else:
-            scores = self.tensor.dequantize(raw)
-            if not _looks_like_probabilities(scores):
-                scores = _softmax(scores)
+            scores = probabilities(self.tensor.dequantize(raw))
             best = np.argpartition(scores, -k)[-k:]
             best = best[np.argsort(scores[best])[::-1]]
             top = scores[best].tolist()
         labels = self.labels
         n_labels = len(labels) if labels else 0
+        indices = best.tolist()
         classes = [
             ClassScore(
                 index=i, label=labels[i] if labels and i < n_labels else None, score=round(v, 5)
             )
-            for i, v in zip(best.tolist(), top, strict=True)
+            for i, v in zip(indices, top, strict=True)
             if v >= self.threshold
         ]
-        return Output(classes=classes)
+        return Output(classes=classes, top1=(indices[0], top[0]))
 
 
-class Detector:
-    """TFLite SSD post-processing outputs: boxes [1,N,4] (ymin, xmin, ymax, xmax in 0..1),
-    classes [1,N], scores [1,N], count [1]. Boxes come out in source pixels."""
+DEFAULT_RAW_VALUES = 64
 
-    def __init__(
-        self,
-        outputs: Sequence[TensorInfo],
-        labels: Sequence[str] | None,
-        input_size: tuple[int, int],
-        threshold: float = 0.5,
-    ) -> None:
-        if len(outputs) != 4:
-            raise ValueError(
-                f"a detect model needs 4 outputs (boxes, classes, scores, count), "
-                f"this one has {len(outputs)}"
-            )
-        self.order = self._find_order(outputs)
-        self.outputs = list(outputs)
-        self.labels = list(labels) if labels else None
-        self.input_w, self.input_h = input_size
-        self.threshold = threshold
 
-    @staticmethod
-    def _find_order(outputs: Sequence[TensorInfo]) -> tuple[int, int, int, int]:
-        """Indices of boxes, classes, scores, count: by shape, then by conventional order."""
-        boxes = [i for i, t in enumerate(outputs) if len(t.shape) == 3 and t.shape[-1] == 4]
-        count = [i for i, t in enumerate(outputs) if int(np.prod(t.shape)) == 1]
-        if len(boxes) != 1 or len(count) != 1:
-            raise ValueError("cannot tell the boxes and count outputs of this detect model")
-        rest = [i for i in range(4) if i not in (boxes[0], count[0])]
-        names = [outputs[i].name.lower() for i in rest]
-        if sum("score" in n for n in names) == 1 and sum("class" in n for n in names) == 1:
-            scores = rest[0] if "score" in names[0] else rest[1]
-            classes = rest[1] if scores == rest[0] else rest[0]
-        else:  # the post-processing op's own order: classes before scores
-            classes, scores = rest
-        return boxes[0], classes, scores, count[0]
-
-    def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
-        ib, ic, isc, icount = self.order
-        boxes = self.outputs[ib].dequantize(values[ib]).reshape(-1, 4)
-        classes = self.outputs[ic].dequantize(values[ic]).reshape(-1)
-        scores = self.outputs[isc].dequantize(values[isc]).reshape(-1)
-        n = min(int(self.outputs[icount].dequantize(values[icount]).reshape(-1)[0]), len(scores))
-        keep = np.nonzero(scores[:n] >= self.threshold)[0]
-        if keep.size == 0:
-            return Output(detections=[])
-        b = boxes[keep]
-        x0, y0 = b[:, 1] * self.input_w, b[:, 0] * self.input_h
-        x1, y1 = b[:, 3] * self.input_w, b[:, 2] * self.input_h
-        if transform is not None:
-            x0, y0 = transform.to_source(x0, y0)
-            x1, y1 = transform.to_source(x1, y1)
-        detections = []
-        for j, i in enumerate(keep):
-            cls = int(classes[i])
-            detections.append(
-                Detection(
-                    index=cls,
-                    label=self.labels[cls] if self.labels and 0 <= cls < len(self.labels) else None,
-                    score=round(float(scores[i]), 5),
-                    box=(
-                        round(float(x0[j]), 1),
-                        round(float(y0[j]), 1),
-                        round(float(x1[j]), 1),
-                        round(float(y1[j]), 1),
-                    ),
-                )
-            )
-        return Output(detections=detections)
+def _figure(v: float) -> float:
+    return round(float(v), 6)
 
 
 class RawOutputs:
-    """Dequantised tensors, flattened, for models whose meaning the agent does not know."""
+    """Outputs of a model whose meaning the agent does not know: an output of at most
+    ``max_values`` elements goes out as its dequantised values, a larger one as a
+    summary (min, max, mean, argmax), so a segmentation-sized map never becomes a
+    megabyte of JSON per frame. The summary is taken on the tensor as the model gave
+    it: dequantising is monotonic and linear (scale > 0), so min, max, argmax and mean
+    of the integer codes map to the real ones, and only those four are dequantised.
+    ``Output.tensors`` holds every output dequantised (drift and shadow read them)."""
 
-    def __init__(self, outputs: Sequence[TensorInfo]) -> None:
+    def __init__(self, outputs: Sequence[TensorInfo], max_values: int = DEFAULT_RAW_VALUES) -> None:
         self.outputs = list(outputs)
+        self.max_values = max_values
 
     def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
-        return Output(
-            raw=[
-                [round(float(v), 6) for v in t.dequantize(x).reshape(-1)]
-                for t, x in zip(self.outputs, values, strict=True)
-            ]
+        tensors = [t.dequantize(x) for t, x in zip(self.outputs, values, strict=True)]
+        raw = [
+            self._values(x) if x.size <= self.max_values else self._summary(t, codes)
+            for t, x, codes in zip(self.outputs, tensors, values, strict=True)
+        ]
+        return Output(raw=raw, tensors=tensors)
+
+    @staticmethod
+    def _values(x: np.ndarray) -> RawTensor:
+        return RawTensor(shape=list(x.shape), values=[_figure(v) for v in x.reshape(-1)])
+
+    @staticmethod
+    def _summary(t: TensorInfo, codes: np.ndarray) -> RawTensor:
+        flat = codes.reshape(-1)
+        argmax = int(np.argmax(flat))
+        # float64: the mean of a large int8 or float16 map stays exact enough.
+        picked = np.array([flat.min(), flat[argmax], flat.mean(dtype=np.float64)])
+        if t.quantized:
+            picked = (picked.astype(np.float64) - t.zero_point) * t.scale
+        low, high, mean = picked.tolist()
+        return RawTensor(
+            shape=list(codes.shape),
+            min=_figure(low),
+            max=_figure(high),
+            mean=_figure(mean),
+            argmax=argmax,
         )
 
 

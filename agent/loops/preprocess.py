@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from agent.loops.audio_features import LogMel
 from agent.models.manifest import Preprocess
 from agent.models.runtime import TensorInfo
 
@@ -226,10 +227,65 @@ class WindowPreprocessor:
         return self.tensor.quantize(x).reshape(self.tensor.shape), None
 
 
+class AudioPreprocessor:
+    """Audio windows (samples, float in [-1, 1]) to one model input tensor: the
+    manifest's ``preprocess.audio`` front end (log-mel or waveform), then ``mean``/``std``
+    and quantisation. Log-mel inputs are ``[1, frames, n_mels]`` or ``[1, frames,
+    n_mels, 1]``; waveform inputs hold the window's samples in any shape."""
+
+    def __init__(self, tensor: TensorInfo, spec: Preprocess) -> None:
+        assert spec.audio is not None
+        self.tensor = tensor
+        self.spec = spec
+        self.size = int(np.prod(tensor.shape))
+        self.mean = np.asarray(spec.mean, np.float32)
+        self.std = np.asarray(spec.std, np.float32)
+        self.sample_rate = spec.audio.sample_rate
+        self.log_mel: LogMel | None = None
+        self.samples = self.size
+        if spec.audio.features == "log_mel":
+            shape = list(tensor.shape)
+            n_mels = spec.audio.n_mels
+            fits = len(shape) in (3, 4) and shape[0] == 1 and shape[2] == n_mels
+            if not fits or self.size != shape[1] * n_mels:
+                raise PreprocessError(
+                    f"input {tensor.name!r} {shape} does not take log-mel features: expected "
+                    f"[1, frames, {n_mels}] or [1, frames, {n_mels}, 1]"
+                )
+            self.log_mel = LogMel(spec.audio)
+            self.frames = shape[1]
+            self.samples = self.log_mel.samples_for(self.frames)
+
+    def __call__(self, window: np.ndarray) -> tuple[np.ndarray, None]:
+        audio = np.asarray(window, np.float32).reshape(-1)
+        if self.log_mel is None:
+            if audio.size != self.size:
+                raise PreprocessError(
+                    f"audio window of {audio.size} samples does not fit waveform input "
+                    f"{self.tensor.name!r} {list(self.tensor.shape)} ({self.size} samples)"
+                )
+            x = audio
+        else:
+            frames = self.log_mel.frames(audio.size)
+            if frames != self.frames:
+                raise PreprocessError(
+                    f"audio window of {audio.size} samples gives {frames} log-mel frames; "
+                    f"input {self.tensor.name!r} {list(self.tensor.shape)} wants {self.frames} "
+                    f"({self.samples} samples at {self.sample_rate} Hz, "
+                    "check window_s and sample_rate)"
+                )
+            x = self.log_mel(audio)
+        x = (x - self.mean) / self.std
+        return self.tensor.quantize(x).reshape(self.tensor.shape), None
+
+
 def make_preprocessor(
     tensor: TensorInfo, spec: Preprocess, resize: Literal["stretch", "letterbox"] = "stretch"
-) -> ImagePreprocessor | WindowPreprocessor:
-    """Images for 4-D inputs with 1 or 3 channels; windows for everything else."""
+) -> ImagePreprocessor | WindowPreprocessor | AudioPreprocessor:
+    """Audio when the manifest has ``preprocess.audio``; images for 4-D inputs with 1 or
+    3 channels; windows for everything else."""
+    if spec.audio is not None:
+        return AudioPreprocessor(tensor, spec)
     channels = tensor.shape[1] if spec.layout == "NCHW" else tensor.shape[-1]
     if len(tensor.shape) == 4 and channels in (1, 3):
         return ImagePreprocessor(tensor, spec, resize)

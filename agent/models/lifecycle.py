@@ -11,10 +11,18 @@ Decisions:
   may take minutes. Different models proceed in parallel.
 - A version that fails validation is removed from the store again (unless it was
   already stored before this deploy); one that fails probation is kept, for a post-mortem.
+- Between validation and the swap, a candidate for pipelines that serve a previous
+  version runs beside it on live frames first (agent.models.shadow_stage); refused
+  there (``shadow_rejected``), it is removed like a version that failed validation.
 - Probation ends when ``duration_s`` has passed and every serving pipeline has made
   ``min_inferences``. A version that cannot reach that many within
   ``max(3 x duration_s, duration_s + 60 s)`` fails probation: a version nobody saw
   work is not trusted.
+- A model no pipeline uses is still stored, validated and made active (a pipeline that
+  names it in the config file serves it after a restart), but there is no probation:
+  no frames reach it to judge. Its state says ``stored``, not ``serving``, and the
+  reply's ``served: false`` says so too. Pipelines are fixed for the agent's life, so
+  this cannot change without a restart.
 - A manual rollback target is validated again (a child process) and, once serving,
   becomes last-known-good: the operator vouched for it.
 - At start-up the active version must pass the sha256 check and validation; then the
@@ -47,8 +55,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.config import AgentConfig, ProbationConfig
-from agent.models.manifest import Manifest, ManifestError, load_public_key, parse_manifest
+from agent.models.manifest import (
+    Manifest,
+    ManifestError,
+    input_shapes,
+    load_public_key,
+    parse_manifest,
+)
 from agent.models.serving import ModelServer, ServingStats, SwapDone
+from agent.models.shadow_stage import ShadowRule, run_shadow, shadow_servers
 from agent.models.store import (
     ModelRecord,
     ModelStore,
@@ -56,14 +71,20 @@ from agent.models.store import (
     StoreError,
     check_component,
 )
-from agent.models.validate import Requirements, ValidationFailed, Validator, check_fit
+from agent.models.validate import (
+    Requirements,
+    ValidationFailed,
+    ValidationReport,
+    Validator,
+    check_fit,
+)
 from agent.protocol import CommandFailed, ModelState, Progress, ReplyCode
 
 __all__ = ["ModelLifecycle", "ModelServer", "ServingStats", "SwapDone"]
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["serving", "probation", "degraded", "absent"]
+Status = Literal["serving", "stored", "probation", "degraded", "absent"]
 
 
 LATENCY_FLOOR_MS = 1.0
@@ -95,6 +116,32 @@ def _failure_text(rec: ModelRecord) -> str | None:
     if not note or note.get("version") not in rec.failed:
         return None
     return f"{note.get('code', '')}: version {note['version']}: {note.get('message', '')}"
+
+
+def _failure_data(exc: ValidationFailed, name: str, version: str) -> dict[str, Any] | None:
+    """A failed validation's figures for the reply (a golden mismatch's), if any."""
+    if exc.data is None:
+        return None
+    return {"model": name, "version": version, **exc.data}
+
+
+def _unused(name: str, version: str | None) -> str:
+    return (
+        f"no pipeline uses model {name}: version {version} is stored and validated, not "
+        "served (a pipeline that names it in the config file serves it after a restart)"
+    )
+
+
+def _joined(*parts: str | None) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def _served(name: str, version: str, servers: list[ModelServer]) -> dict[str, Any]:
+    """The reply's word on where ``version`` now serves: ``served`` and the pipelines."""
+    where: dict[str, Any] = {"pipelines": [s.pipeline for s in servers], "served": bool(servers)}
+    if not servers:
+        where["note"] = _unused(name, version)
+    return where
 
 
 def _no_progress(stage: str, percent: float | None) -> None:
@@ -160,11 +207,16 @@ class ModelLifecycle:
         model_file: Path,
         pipeline: str | None,
         progress: Progress,
+        *,
+        shadow: bool | None = None,
+        min_agreement: float | None = None,
     ) -> dict[str, Any]:
+        """``shadow`` and ``min_agreement``: this deploy's own (default: the config's)."""
         name = self._name_of(manifest)
         servers = self._servers_for(name, pipeline)
+        rule = ShadowRule.of(self.probation, shadow, min_agreement)
         with self._exclusive(name, "deploy"):
-            return self._deploy(name, manifest, signature, model_file, servers, progress)
+            return self._deploy(name, manifest, signature, model_file, servers, progress, rule)
 
     def rollback(self, model: str, to_version: str | None, progress: Progress) -> dict[str, Any]:
         try:
@@ -177,12 +229,14 @@ class ModelLifecycle:
             return self._rollback(model, to_version, progress)
 
     def model_states(self) -> list[ModelState]:
-        names = set(self.store.names()) | {s.model_name for s in self.servers}
-        names |= set(self._status)
+        used = {s.model_name for s in self.servers}
+        names = set(self.store.names()) | used | set(self._status)
         states = []
         for name in sorted(names):
             rec = self.store.record(name)
             status = self._status.get(name) or _ModelStatus("serving" if rec.active else "absent")
+            if status.status == "serving" and name not in used:
+                status = _ModelStatus("stored", _joined(status.message, _unused(name, rec.active)))
             states.append(
                 ModelState(
                     name=name,
@@ -321,6 +375,7 @@ class ModelLifecycle:
         model_file: Path,
         servers: list[ModelServer],
         progress: Progress,
+        shadow_rule: ShadowRule | None = None,
     ) -> dict[str, Any]:
         before = self.store.record(name)
         progress("installing", None)
@@ -331,16 +386,24 @@ class ModelLifecycle:
             raise CommandFailed(exc.code, exc.message) from None
         version = stored.version
         previous = before.active
-        pipelines = [s.pipeline for s in servers]
         if previous == version and all(s.serving_version() == version for s in servers):
             return {"model": name, "version": version, "previous": previous, "unchanged": True}
         fresh = version not in before.installed
+        shadow: dict[str, Any] = {}
         try:
             progress("validating", None)
             try:
-                self._validate(stored, servers, use_current=True)
+                report = self._validate(stored, servers, use_current=True)
             except ValidationFailed as exc:
-                raise CommandFailed(exc.code, f"{name} {version}: {exc.message}") from None
+                raise CommandFailed(
+                    exc.code, f"{name} {version}: {exc.message}", _failure_data(exc, name, version)
+                ) from None
+            shadowing = shadow_servers(servers, version) if shadow_rule is not None else []
+            if shadow_rule is not None and shadowing:
+                shadow = run_shadow(
+                    name, version, stored.model_path, shadowing, shadow_rule, progress, self._stop,
+                    build_timeout_s=self.swap_timeout_s, poll_s=self._poll_s,
+                )  # fmt: skip
 
             baseline = {s.pipeline: self._stats_of(s, previous) for s in servers}
             progress("swapping", None)
@@ -364,10 +427,13 @@ class ModelLifecycle:
             if fresh:
                 self._remove_quietly(name, version)
             raise
-        self._set_status(name, "probation", f"version {version} on probation")
-
-        progress("probation", None)
-        problem, figures = self._probation(servers, version, baseline)
+        if servers:
+            self._set_status(name, "probation", f"version {version} on probation")
+            progress("probation", None)
+            problem, figures = self._probation(servers, version, baseline)
+        else:
+            # No pipeline uses it: no frame would reach it, so there is nothing to wait for.
+            problem, figures = None, {}
         if problem is not None and self._stop.is_set():
             # No swap while the agent stops: the version stays on trial in the store,
             # and the next start puts last-known-good back, as after a crash.
@@ -390,13 +456,18 @@ class ModelLifecycle:
         except StoreError as exc:
             logger.warning("model %s %s serves but is not marked good: %s", name, version, exc)
         self._set_status(name, "serving")
-        logger.info("model %s version %s passed probation", name, version)
+        if servers:
+            logger.info("model %s version %s passed probation", name, version)
+        else:
+            logger.warning("model %s version %s: %s", name, version, _unused(name, version))
         return {
             "model": name,
             "version": version,
             "previous": previous,
-            "pipelines": pipelines,
+            **_served(name, version, servers),
             "probation": figures,
+            **({"golden": report.golden} if report.golden is not None else {}),
+            **({"shadow": shadow} if shadow else {}),
         }
 
     def _refuse_downgrade(self, manifest: Manifest, rec: ModelRecord) -> None:
@@ -577,7 +648,9 @@ class ModelLifecycle:
         try:
             self._validate(stored, servers, use_current=False)
         except ValidationFailed as exc:
-            raise CommandFailed(exc.code, f"{name} {target}: {exc.message}") from None
+            raise CommandFailed(
+                exc.code, f"{name} {target}: {exc.message}", _failure_data(exc, name, target)
+            ) from None
         progress("swapping", None)
         try:
             self._swap_all(servers, target, stored.model_path)
@@ -595,7 +668,7 @@ class ModelLifecycle:
             "model": name,
             "version": target,
             "previous": rec.active,
-            "pipelines": [s.pipeline for s in servers],
+            **_served(name, target, servers),
         }
 
     # ------------------------------------------------------------------ helpers
@@ -637,15 +710,18 @@ class ModelLifecycle:
 
     def _validate(
         self, stored: StoredVersion, servers: list[ModelServer], *, use_current: bool
-    ) -> None:
-        """Run the child once, then check the fit for every pipeline that will serve it."""
-        report = self.validator.run(stored.model_path)
+    ) -> ValidationReport:
+        """Run the child once (golden samples too), then check the fit for every
+        pipeline that will serve it."""
+        manifest = stored.manifest
+        report = self.validator.run(stored.model_path, manifest.golden, input_shapes(manifest))
         requirements: list[Requirements | None] = [s.requirements() for s in servers]
         if use_current and None in requirements:
             current = self._current_requirements(stored.name)
             requirements = [r if r is not None else current for r in requirements]
         for req in dict.fromkeys(requirements) or [None]:
             check_fit(report, stored.manifest, req)
+        return report
 
     def _current_requirements(self, name: str) -> Requirements | None:
         active = self.store.record(name).active

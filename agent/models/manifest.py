@@ -30,8 +30,11 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent.models.decoder_spec import Decoder
+from agent.models.golden import Golden
+from agent.models.health import Reference
 from agent.protocol import Name, format_validation_error
 
 MANIFEST_FORMAT = 1
@@ -77,13 +80,29 @@ class ModelFile(_Strict):
     size: int = Field(gt=0)
 
 
+class AudioFeatures(_Strict):
+    """An audio model's front end: the raw waveform, or a log-mel spectrogram (power of
+    a Hann-windowed rfft of ``n_fft`` samples every ``hop`` samples, ``n_mels`` HTK mel
+    bands from ``fmin`` to ``fmax`` Hz, natural log of power + 1e-6)."""
+
+    sample_rate: int = Field(default=16000, ge=1000, le=192_000)
+    features: Literal["waveform", "log_mel"] = "log_mel"
+    n_fft: int = Field(default=512, ge=16, le=8192)
+    hop: int = Field(default=160, ge=1)
+    n_mels: int = Field(default=40, ge=1, le=512)
+    fmin: float = Field(default=20.0, ge=0)
+    fmax: float | None = Field(default=None, gt=0, description="none: sample_rate / 2")
+
+
 class Preprocess(_Strict):
-    """How a frame becomes the model's input before quantisation."""
+    """How a frame becomes the model's input before quantisation; for audio, ``mean``
+    and ``std`` apply to the features."""
 
     mean: list[float] = Field(default_factory=lambda: [0.0])
     std: list[float] = Field(default_factory=lambda: [1.0])
     color: Literal["rgb", "bgr", "gray"] = "rgb"
     layout: Literal["NHWC", "NCHW", "NC"] = "NHWC"
+    audio: AudioFeatures | None = None
 
 
 class Metrics(_Strict):
@@ -105,21 +124,80 @@ class Producer(_Strict):
     tensorflow: str | None = None
 
 
+class StateLink(_Strict):
+    """A streaming model's state: what ``output`` holds after one window is fed to
+    ``input`` with the next (tensor names; equal shape and dtype)."""
+
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+
+
+# classify: class scores; detect: boxes (see ``decoder``); keypoints: one pose's named
+# points; segment: per-pixel classes summarised; keyword: an audio window's keyword;
+# raw: the tensors (or their summaries past a size).
+Task = Literal["classify", "detect", "keypoints", "segment", "keyword", "raw"]
+TASKS: tuple[str, ...] = ("classify", "detect", "keypoints", "segment", "keyword", "raw")
+
+
 class Manifest(_Strict):
     format: Literal[1] = 1
     name: Name
     version: Name
     created_at: str
-    task: Literal["classify", "detect", "raw"]
+    task: Task
     quantization: Literal["int8", "int8-float-io", "float16", "dynamic", "none"]
     model: ModelFile
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     labels: list[str] | None = None
+    # detect only: how the outputs become boxes; none: SSD post-processing op outputs.
+    decoder: Decoder | None = None
     preprocess: Preprocess = Preprocess()
     metrics: Metrics | None = None
     calibration: Calibration | None = None
     producer: Producer
+    # What the outputs looked like on the validation set (drift, shadow distance).
+    reference: Reference | None = None
+    # A few inputs and the outputs the converter's runtime gave (checked at validation).
+    golden: Golden | None = None
+    # Streaming models: state carried from outputs to inputs between windows. The first
+    # input that is not a state input is the frame's.
+    state: list[StateLink] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _state_names(self) -> Manifest:
+        if self.state:
+            check_state_names(self.state, self.inputs, self.outputs)
+        return self
+
+    @property
+    def frame_input(self) -> int:
+        """Index of the input the frame is fed to: the first that is not a state input."""
+        return frame_input_index([t.name for t in self.inputs], self.state)
+
+
+def check_state_names(
+    links: list[StateLink], inputs: list[TensorSpec], outputs: list[TensorSpec]
+) -> None:
+    """Each link names an input and an output of the model, once each, and leaves an
+    input for the frame (ValueError, one line)."""
+    in_names = [t.name for t in inputs]
+    out_names = [t.name for t in outputs]
+    for link in links:
+        if link.input not in in_names:
+            raise ValueError(f"state input {link.input!r} is not a model input {in_names}")
+        if link.output not in out_names:
+            raise ValueError(f"state output {link.output!r} is not a model output {out_names}")
+    for what, names in (("input", [x.input for x in links]), ("output", [x.output for x in links])):
+        if len(set(names)) != len(names):
+            raise ValueError(f"a state {what} is linked twice: {names}")
+    if len(links) >= len(inputs):
+        raise ValueError("every input is a state input: none is left for the frame")
+
+
+def frame_input_index(names: list[str], state: list[StateLink] | None) -> int:
+    stateful = {link.input for link in state or ()}
+    return next(i for i, name in enumerate(names) if name not in stateful)
 
 
 def parse_manifest(data: Mapping[str, Any]) -> Manifest:
@@ -130,6 +208,22 @@ def parse_manifest(data: Mapping[str, Any]) -> Manifest:
         return Manifest.model_validate(dict(data))
     except ValidationError as err:
         raise ManifestError(f"invalid manifest: {format_validation_error(err, data)}") from None
+
+
+def input_shapes(manifest: Manifest) -> list[list[int]]:
+    """The input shapes a model is fed: a .tflite whose inputs are dynamic is resized
+    to them at load (``agent.models.runtime.load_model``)."""
+    return [list(t.shape) for t in manifest.inputs]
+
+
+def input_shapes_beside(model_path: Path) -> list[list[int]] | None:
+    """The input shapes of the manifest in a model file's bundle or store directory, or
+    None without a readable one (the store checked it when the version came in)."""
+    try:
+        data = load_manifest_data(model_path.parent / MANIFEST_FILE)
+        return [[int(d) for d in t["shape"]] for t in data["inputs"]]
+    except (ManifestError, KeyError, TypeError, ValueError):
+        return None
 
 
 def load_manifest_data(path: Path) -> dict[str, Any]:

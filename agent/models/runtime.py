@@ -15,6 +15,7 @@ import ctypes
 import importlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -74,6 +75,15 @@ class TensorInfo:
     dtype: str
     scale: float
     zero_point: int
+    # The file's shape signature: -1 where a dim is dynamic; empty when the runtime
+    # gives none (then it is ``shape``).
+    signature: tuple[int, ...] = ()
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether a dim past the batch dim is dynamic: the model needs a shape given
+        (a dynamic batch alone runs as 1)."""
+        return any(d < 0 for d in self.signature[1:])
 
     @property
     def quantized(self) -> bool:
@@ -97,6 +107,7 @@ class TensorInfo:
     @classmethod
     def from_detail(cls, d: dict[str, Any]) -> TensorInfo:
         scale, zero_point = d.get("quantization", (0.0, 0))
+        signature = d.get("shape_signature")
         return cls(
             name=str(d["name"]),
             index=int(d["index"]),
@@ -104,7 +115,35 @@ class TensorInfo:
             dtype=d["dtype"].__name__ if hasattr(d["dtype"], "__name__") else str(d["dtype"]),
             scale=float(scale),
             zero_point=int(zero_point),
+            signature=tuple(int(x) for x in signature) if signature is not None else (),
         )
+
+
+def fits(signature: Sequence[int], shape: Sequence[int]) -> bool:
+    """Whether ``shape`` is one the signature allows: same rank, fixed dims equal."""
+    return len(signature) == len(shape) and all(
+        s < 0 or s == d for s, d in zip(signature, shape, strict=True)
+    )
+
+
+def fit_inputs(interpreter: Any, shapes: Sequence[Sequence[int]] | None) -> None:
+    """Resize each input with dynamic dims past the batch to the given shape (the
+    manifest's), before ``allocate_tensors``. Other inputs are left alone: the manifest
+    check at validation reports a mismatch (``incompatible``). Raises ``ModelLoadError``
+    for a shape a dynamic input cannot take."""
+    if not shapes:
+        return
+    for detail, shape in zip(interpreter.get_input_details(), shapes, strict=False):
+        info = TensorInfo.from_detail(detail)
+        wanted = [int(d) for d in shape]
+        # A dynamic batch alone is left at 1, as every runtime allocates it.
+        if not info.dynamic or list(info.shape) == wanted:
+            continue
+        if not fits(info.signature, wanted) or min(wanted, default=1) < 1:
+            raise ModelLoadError(
+                f"input {info.name!r} shape {list(info.signature)} cannot take the shape {wanted}"
+            )
+        interpreter.resize_tensor_input(info.index, wanted)
 
 
 @dataclass
@@ -208,8 +247,10 @@ def load_model(
     delegate: str = "cpu",
     delegate_path: Path | None = None,
     delegate_options: dict[str, str] | None = None,
+    input_shapes: Sequence[Sequence[int]] | None = None,
 ) -> LoadedModel:
-    """Build an interpreter for ``model`` (a path or the file's bytes) and allocate it.
+    """Build an interpreter for ``model`` (a path or the file's bytes) and allocate it;
+    inputs with dynamic dims are first resized to ``input_shapes`` (the manifest's).
 
     Raises ``ModelLoadError`` when the runtime refuses the model, and
     ``RuntimeUnavailable`` / ``DelegateUnavailable`` for the environment.
@@ -227,6 +268,7 @@ def load_model(
         interpreter = rt.module.Interpreter(
             **source, num_threads=num_threads, experimental_delegates=delegates or None
         )
+        fit_inputs(interpreter, input_shapes)
         interpreter.allocate_tensors()
         inputs = [TensorInfo.from_detail(d) for d in interpreter.get_input_details()]
         outputs = [TensorInfo.from_detail(d) for d in interpreter.get_output_details()]

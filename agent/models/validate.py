@@ -1,10 +1,13 @@
 """Validation of a model before it may serve, in a child process of its own.
 
 The child (``agent.models.validate_child``) loads the model with the runtime the agent
-uses, allocates it and invokes it on zeros, under an address-space limit; the parent
-waits at most ``timeout_s``. A segfault or abort, a hang, memory exhaustion or an
-exception (``Encountered unresolved custom op`` ...) become one-line reasons, and the
-agent process never runs an unknown model before it has survived this.
+uses, allocates it and invokes it on zeros, then runs the manifest's golden samples
+(when it has any) and compares the outputs with the converter's, under an
+address-space limit; the parent waits at most ``timeout_s``. Outputs that differ beyond
+the golden tolerance fail validation with the figures (``ValidationFailed.data``).
+A segfault or abort, a hang, memory exhaustion or an exception (``Encountered
+unresolved custom op`` ...) become one-line reasons, and the agent process never
+runs an unknown model before it has survived this.
 
 The parent then checks the tensors against the manifest and against what the pipeline
 expects (``Requirements``): a model that runs but does not fit is ``incompatible``.
@@ -24,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.models.manifest import Manifest
+from agent.models.golden import Golden
+from agent.models.manifest import Manifest, input_shapes
+from agent.models.output_fit import OutputMismatch, check_outputs
 from agent.models.runtime import TensorInfo
 from agent.protocol import ReplyCode
 
@@ -35,12 +40,14 @@ _STDERR_TAIL = 2000
 
 
 class ValidationFailed(Exception):
-    """The model may not serve; ``code`` is validation_failed or incompatible."""
+    """The model may not serve; ``code`` is validation_failed or incompatible. ``data``
+    holds figures for the reply, e.g. ``{"golden": {...}}`` of a golden mismatch."""
 
-    def __init__(self, code: ReplyCode, message: str) -> None:
+    def __init__(self, code: ReplyCode, message: str, data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.data = data
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class ValidationReport:
     outputs: list[TensorInfo]
     invoke_ms: float
     elapsed_s: float
+    # The golden check's figures (samples, values, worst difference); None without samples.
+    golden: dict[str, Any] | None = None
 
 
 def _describe(tensors: Sequence[TensorShape | TensorInfo]) -> str:
@@ -104,6 +113,10 @@ def check_fit(
             f"model outputs {_describe(actual_out)} differ from the manifest's "
             f"{_describe(declared_out)}",
         )
+    try:
+        check_outputs(manifest)
+    except OutputMismatch as exc:
+        raise ValidationFailed(ReplyCode.INCOMPATIBLE, str(exc)) from None
     if requirements is None:
         return
     if requirements.task is not None and manifest.task != requirements.task:
@@ -146,20 +159,30 @@ class Validator:
         self.memory_mb = memory_mb
         self._command = [python, *child]
 
-    def run(self, model_path: Path) -> ValidationReport:
-        """Load and invoke the model in a child; ``ValidationFailed`` says why it may not serve."""
+    def run(
+        self,
+        model_path: Path,
+        golden: Golden | None = None,
+        input_shapes: list[list[int]] | None = None,
+    ) -> ValidationReport:
+        """Load and invoke the model in a child, and check its golden samples;
+        ``ValidationFailed`` says why it may not serve. Inputs whose dims the file
+        leaves dynamic are resized to ``input_shapes`` (the manifest's)."""
         args = {
             "model": os.fspath(model_path),
             "runtime": self.runtime,
             "num_threads": self.num_threads,
             "memory_mb": self.memory_mb,
             "invokes": 2,
+            "golden": golden.model_dump(mode="json") if golden is not None else None,
+            "input_shapes": input_shapes,
         }
         start = time.monotonic()
         try:
+            # The arguments go on stdin: a golden block may pass the 128 KB of one argv string.
             proc = subprocess.Popen(
-                [*self._command, json.dumps(args)],
-                stdin=subprocess.DEVNULL,
+                self._command,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
@@ -169,7 +192,7 @@ class Validator:
                 ReplyCode.VALIDATION_FAILED, f"cannot start the validator: {exc}"
             ) from None
         try:
-            out, err = proc.communicate(timeout=self.timeout_s)
+            out, err = proc.communicate(json.dumps(args).encode(), timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             self._kill(proc)
             raise ValidationFailed(
@@ -213,7 +236,12 @@ class Validator:
                 )
             else:
                 reason = str(report.get("error", "unknown error"))
-            raise ValidationFailed(ReplyCode.VALIDATION_FAILED, reason)
+            golden = report.get("golden") if report.get("kind") == "golden" else None
+            raise ValidationFailed(
+                ReplyCode.VALIDATION_FAILED,
+                reason,
+                {"golden": golden} if isinstance(golden, dict) else None,
+            )
         return ValidationReport(
             runtime=str(report["runtime"]),
             runtime_version=str(report["runtime_version"]),
@@ -221,6 +249,7 @@ class Validator:
             outputs=[_tensor(t) for t in report["outputs"]],
             invoke_ms=float(report["invoke_ms"]),
             elapsed_s=elapsed,
+            golden=report.get("golden") if isinstance(report.get("golden"), dict) else None,
         )
 
     @staticmethod
@@ -238,15 +267,16 @@ class Validator:
         self, model_path: Path, manifest: Manifest, requirements: Requirements | None = None
     ) -> ValidationReport:
         """Run the child, then check the tensors against manifest and pipeline."""
-        report = self.run(model_path)
+        report = self.run(model_path, manifest.golden, input_shapes(manifest))
         check_fit(report, manifest, requirements)
         logger.info(
-            "validated %s %s on %s in %.2fs (invoke %.2f ms)",
+            "validated %s %s on %s in %.2fs (invoke %.2f ms, golden %s)",
             manifest.name,
             manifest.version,
             report.runtime,
             report.elapsed_s,
             report.invoke_ms,
+            report.golden,
         )
         return report
 

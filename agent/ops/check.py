@@ -5,7 +5,8 @@ operator can act on: the config's files, the runtime and delegate, one frame or
 window from every source, every configured model that is in the store (checksum
 and the isolated validation child), and a real MQTT CONNECT with the configured
 TLS and credentials. SKIP rows (nothing to check yet) and WARN rows (the agent
-starts, but not quite as configured: a saved override it drops) do not fail the check.
+starts, but not quite as configured: a saved override it drops; results larger than
+a pipeline's raw.max_values or about 2 KB) do not fail the check.
 
 The check uses the agent's own parts, so it runs at the service's level of the
 dependency arrows: ops -> link, loops, models. It never changes state: the store is
@@ -29,16 +30,18 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from agent.config import AgentConfig, PipelineConfig
+from agent.config import AgentConfig, PipelineConfig, pipeline_key
 from agent.config_paths import check_files
 from agent.link.client import LinkError, resolve_password, tls_context
 from agent.loops.sources.base import EndOfStream, SourceError, create_source
 from agent.models.runtime import LoaderError, Runtime, probe_delegate, select_runtime
 from agent.models.store import ModelRecord, ModelStore, StoreError
 from agent.models.validate import ValidationFailed, Validator
+from agent.ops.result_size import result_size_remedy, result_size_warning
+from agent.ops.stream_queue import stream_queue_warning
 
 Status = Literal["PASS", "FAIL", "SKIP", "WARN"]
-_SOURCE_PATH = re.compile(r"pipelines\.\d+\.source\.path: ")
+_SOURCE_PATH = re.compile(r"pipelines\.[^:]+\.source\.path: ")
 AS_AGENT = "sudo -u edge-agent /opt/edge-agent/venv/bin/edge-agent check /etc/edge-agent/agent.yaml"
 
 
@@ -125,9 +128,9 @@ def check_delegate(config: AgentConfig, runtime: Runtime | None) -> CheckResult:
 # -------------------------------------------------------------------------- sources
 
 
-def _source_remedy(pipeline: PipelineConfig, index: int) -> str:
+def _source_remedy(pipeline: PipelineConfig, pipeline_key: str) -> str:
     s = pipeline.source
-    key = f"pipelines.{index}.source"
+    key = f"{pipeline_key}.source"
     if s.type == "camera":
         return (
             f"check {key}.device: the camera exists (ls /dev/video*), the edge-agent user "
@@ -195,7 +198,8 @@ def _first_item(pipeline: PipelineConfig, timeout_s: float) -> tuple[Any, float]
     raise TimeoutError(f"no frame within {timeout_s:g}s")
 
 
-def check_source(pipeline: PipelineConfig, index: int, timeout_s: float) -> CheckResult:
+def check_source(pipeline: PipelineConfig, key: str, timeout_s: float) -> CheckResult:
+    """``key``: the pipeline's key path, ``pipelines.<name>`` (``pipeline_key``)."""
     name = f"source {pipeline.name}"
     s = pipeline.source
     if s.type == "sensor" and s.input == "stdin":
@@ -203,12 +207,12 @@ def check_source(pipeline: PipelineConfig, index: int, timeout_s: float) -> Chec
     try:
         data, seconds = _first_item(pipeline, timeout_s)
     except EndOfStream:
-        return _fail(name, f"{s.type}: ended before a first frame", _source_remedy(pipeline, index))
+        return _fail(name, f"{s.type}: ended before a first frame", _source_remedy(pipeline, key))
     except (SourceError, TimeoutError, OSError) as exc:
-        return _fail(name, f"{s.type}: {exc}", _source_remedy(pipeline, index))
+        return _fail(name, f"{s.type}: {exc}", _source_remedy(pipeline, key))
     except Exception as exc:  # a driver bug is still a failed check, not a crash
         detail = f"{s.type}: {type(exc).__name__}: {exc}"
-        return _fail(name, detail, _source_remedy(pipeline, index))
+        return _fail(name, detail, _source_remedy(pipeline, key))
     shape = "x".join(str(n) for n in getattr(data, "shape", ()))
     what = "window" if s.type == "sensor" or getattr(s, "kind", "") == "windows" else "frame"
     dtype = getattr(data, "dtype", "")
@@ -265,7 +269,38 @@ def _check_model(
         f"{version} ({which}) on {report.runtime} {report.runtime_version}: "
         f"invoke {report.invoke_ms:.1f} ms"
     )
+    if report.golden is not None:
+        detail += f", {report.golden['samples']} golden samples match"
     return _pass(row, detail)
+
+
+def check_result_sizes(config: AgentConfig) -> list[CheckResult]:
+    """A WARN row per pipeline whose active model would publish more than its
+    ``raw.max_values`` for a raw output, or results of more than about 2 KB; and one
+    per streaming model (manifest ``state``) on a ``queue: latest`` pipeline."""
+    store = ModelStore(config.state_dir)
+    try:
+        records = store.peek_records()
+    except OSError:
+        return []  # the model rows say why
+    rows = []
+    for pipeline in config.pipelines:
+        active = records.get(pipeline.model, ModelRecord()).active
+        if active is None:
+            continue
+        try:
+            manifest = store.get(pipeline.model, active).manifest
+        except StoreError:
+            continue  # the model row fails for it
+        warning = result_size_warning(pipeline, manifest)
+        if warning is not None:
+            remedy = result_size_remedy(pipeline, manifest)
+            rows.append(CheckResult(f"results {pipeline.name}", "WARN", warning, remedy))
+        streaming = stream_queue_warning(pipeline, manifest)
+        if streaming is not None:
+            remedy = f"set pipelines[{pipeline.name}].queue: fifo"
+            rows.append(CheckResult(f"queue {pipeline.name}", "WARN", streaming, remedy))
+    return rows
 
 
 # --------------------------------------------------------------------------- broker
@@ -378,8 +413,13 @@ def run_checks(
     results = check_config_files(config, config_path, warnings)
     runtime_result, runtime = check_runtime(config)
     results += [runtime_result, check_delegate(config, runtime)]
-    results += [check_source(p, i, source_timeout_s) for i, p in enumerate(config.pipelines)]
+    names = [p.name for p in config.pipelines]
+    results += [
+        check_source(p, f"pipelines.{pipeline_key(names, i)}", source_timeout_s)
+        for i, p in enumerate(config.pipelines)
+    ]
     results += check_models(config)
+    results += check_result_sizes(config)
     results.append(check_broker(config, broker_timeout_s))
     return results
 

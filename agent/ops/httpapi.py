@@ -4,6 +4,9 @@
 - ``GET /v1/models/<name>``: the model's status and version.
 - ``POST /v1/models/<name>:predict`` with ``{"instances": [...]}``: ``{"predictions": [...]}``.
 - ``GET /metrics``: the telemetry figures in Prometheus' text format (``http.metrics``).
+- ``GET /captures``: the frames kept for labelling (``pipelines[].capture``), as JSON;
+  ``GET /captures/<pipeline>/<file>`` one image or sidecar; ``DELETE`` of either
+  removes the pair (labelled, done with). Names are checked strictly (no traversal).
 
 Predictions run on an interpreter of the API's own, loaded from the active version's
 file, so the inference loops are never disturbed: their workers keep sole ownership
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +51,20 @@ class MetricsSource(Protocol):
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of one scrape; raises RuntimeError when it cannot."""
         ...
+
+
+class CaptureFiles(Protocol):
+    """The kept frames: names are the capture module's to check (ValueError: a bad
+    name; LookupError: not kept)."""
+
+    def listing(self) -> list[dict[str, Any]]: ...
+
+    def path(self, pipeline: str, name: str) -> Path: ...
+
+    def delete(self, pipeline: str, name: str) -> list[str]: ...
+
+
+_CONTENT_TYPES = {".jpg": "image/jpeg", ".json": "application/json"}
 
 
 class ApiError(Exception):
@@ -171,12 +190,59 @@ class _Handler(BaseHTTPRequestHandler):
         except RuntimeError as exc:
             raise ApiError(503, str(exc)) from None
 
+    def _captures(self, method: str, path: str) -> tuple[int, dict[str, Any]] | None:
+        """Lists or deletes captures; serves a file itself (then None)."""
+        captures = self.server.captures
+        if captures is None:
+            raise ApiError(404, "captures are not served by this API")
+        if path == "/captures":
+            if method != "GET":
+                raise ApiError(405, f"{method} {path} not supported")
+            return 200, {"captures": captures.listing()}
+        parts = path[len("/captures/") :].split("/")
+        if len(parts) != 2:
+            raise ApiError(400, "expected /captures/<pipeline>/<file>")
+        try:
+            if method == "DELETE":
+                return 200, {"deleted": captures.delete(*parts)}
+            if method != "GET":
+                raise ApiError(405, f"{method} {path} not supported")
+            self._send_file(captures.path(*parts))
+            return None
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        except LookupError as exc:
+            raise ApiError(404, str(exc)) from None
+
+    def _send_file(self, path: Path) -> None:
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:  # removed since it was looked up (a newer frame won)
+            raise LookupError(f"no capture {path.name!r}") from None
+        with f:
+            self.send_response(200)
+            kind = _CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
+            self.end_headers()
+            try:
+                shutil.copyfileobj(f, self.wfile)
+            except OSError as exc:  # the headers are out: a short body tells the client
+                logger.debug("http api: sending %s cut short: %s", path.name, exc)
+
     def _handle(self, method: str) -> None:
         try:
-            if method == "GET" and self.path.split("?", 1)[0] == "/metrics":
+            path = self.path.split("?", 1)[0]
+            if method == "GET" and path == "/metrics":
                 self._send_bytes(200, *self._metrics())
                 return
-            status, body = self._route(method)
+            if path == "/captures" or path.startswith("/captures/"):
+                answer = self._captures(method, path)
+                if answer is None:
+                    return
+                status, body = answer
+            else:
+                status, body = self._route(method)
         except ApiError as exc:
             status, body = exc.status, {"error": str(exc)}
         except Exception as exc:  # a bug answers 500; the server thread lives on
@@ -190,16 +256,24 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._handle("POST")
 
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
 
 class _ApiServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], predictor: Predictor, metrics: MetricsSource | None
+        self,
+        address: tuple[str, int],
+        predictor: Predictor,
+        metrics: MetricsSource | None,
+        captures: CaptureFiles | None,
     ) -> None:
         super().__init__(address, _Handler)
         self.predictor = predictor
         self.metrics = metrics
+        self.captures = captures
         self.heartbeat = time.monotonic()
 
     def service_actions(self) -> None:
@@ -211,9 +285,14 @@ class HttpApi:
     """The server and its thread; ``port`` is the bound port (useful with port 0)."""
 
     def __init__(
-        self, bind: str, port: int, predictor: Predictor, metrics: MetricsSource | None = None
+        self,
+        bind: str,
+        port: int,
+        predictor: Predictor,
+        metrics: MetricsSource | None = None,
+        captures: CaptureFiles | None = None,
     ) -> None:
-        self._server = _ApiServer((bind, port), predictor, metrics)
+        self._server = _ApiServer((bind, port), predictor, metrics, captures)
         self.port = int(self._server.server_address[1])
         self._stopping = False
         self._thread = self._new_thread()

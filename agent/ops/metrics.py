@@ -3,9 +3,10 @@
 The same figures as the telemetry messages, from the same sources: the device
 (uptime, CPU, memory, load, temperature, free disk), the outbox (depth, published,
 drops) and each pipeline (rates, counters, stage latency percentiles, the model
-version it serves, its source's state). prometheus-client is optional (the
-``metrics`` extra): it is imported when a scrape renders, so the agent imports and
-runs without it, and a scrape then gets one clear line saying what to install.
+version it serves, its source's state, its output drift and confidence quantiles).
+prometheus-client is optional (the ``metrics`` extra): it is imported when a scrape
+renders, so the agent imports and runs without it, and a scrape then gets one clear
+line saying what to install.
 
 Latencies are in seconds and sizes in bytes, as Prometheus names want; counters
 end in ``_total``. The model version and the source state are labels of ``1``-valued
@@ -20,6 +21,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from agent.models.health import QUANTILES
 from agent.protocol import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -170,25 +172,51 @@ class _Collector:
             "source_failures": CounterMetricFamily(
                 "edge_agent_pipeline_source_failures", "Times the source failed", labels=label
             ),
+            "capture_errors": CounterMetricFamily(
+                "edge_agent_pipeline_capture_errors",
+                "Frames worth labelling that could not be written",
+                labels=label,
+            ),
         }
+        captured = GaugeMetricFamily(
+            "edge_agent_pipeline_captured", "Frames kept for labelling now", labels=label
+        )
         latency = GaugeMetricFamily(
             "edge_agent_pipeline_stage_latency_seconds",
             "Latency of each stage over the last frames, by quantile",
             labels=["pipeline", "stage", "quantile"],
+        )
+        drift = GaugeMetricFamily(
+            "edge_agent_pipeline_drift_psi",
+            "PSI of the window's outputs against the served model's reference statistics",
+            labels=label,
+        )
+        confidence = GaugeMetricFamily(
+            "edge_agent_pipeline_confidence",
+            "Top-1 confidence (classify) or detection scores (detect) over the window, by quantile",
+            labels=["pipeline", "quantile"],
         )
         for name, p in sorted(self.t.pipelines.items()):
             model.add_metric([name, p.model or "", p.version or ""], 1)
             for state in SOURCE_STATES:
                 source.add_metric([name, state], 1 if p.source_state == state else 0)
             fps.add_metric([name], p.fps)
+            captured.add_metric([name], p.captured)
             for key, family in counters.items():
                 family.add_metric([name], getattr(p, key))
             for stage, s in p.stages.items():
                 for q, ms in (("0.5", s.p50), ("0.95", s.p95), ("0.99", s.p99)):
                     if ms is not None:
                         latency.add_metric([name, stage, q], ms / 1000)
+            if p.drift is not None:
+                drift.add_metric([name], p.drift)
+            for level, score in zip(QUANTILES, p.confidence or [], strict=False):
+                confidence.add_metric([name, f"{level:g}"], score)
         yield model
         yield source
         yield fps
+        yield captured
         yield from counters.values()
         yield latency
+        yield drift
+        yield confidence

@@ -75,6 +75,7 @@ _MODULES = (
     "agent.loops.sources.picamera",
     "agent.loops.sources.files",
     "agent.loops.sources.sensor",
+    "agent.loops.sources.audio",
 )
 
 
