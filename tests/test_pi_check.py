@@ -11,10 +11,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from agent.protocol import RawTensor, Result
 from tests.device import pi_check
 
 SCRIPT = Path(pi_check.__file__)
@@ -162,8 +162,14 @@ def test_comparison_allows_a_few_lsb_and_near_ties_only() -> None:
     host = {0: [0.0, 4.0, 1.0], 1: [2.0, 2.2, 0.0]}
     labels = [1, 1]
 
-    def result(frame: int, raw: list[float]) -> SimpleNamespace:
-        return SimpleNamespace(frame=frame, raw=[raw])
+    def result(frame: int, values: list[float]) -> Result:
+        # Real wire messages: a stand-in once hid that ``raw`` became a list of RawTensor.
+        message = Result(
+            device="pi-tflite", pipeline="digits", seq=frame, ts=0.0, frame=frame,
+            model="digits", version="1", latency_ms=1.0,
+            raw=[RawTensor(shape=[1, len(values)], values=values)],
+        )  # fmt: skip
+        return Result.model_validate_json(message.model_dump_json())
 
     same = pi_check.compare([result(1, [0.2, 4.0, 1.0])], host, labels, tol)
     assert same.problems == [] and same.top1_agree == 1
@@ -172,6 +178,11 @@ def test_comparison_allows_a_few_lsb_and_near_ties_only() -> None:
     assert tie.problems == [] and tie.near_ties == 1
     off = pi_check.compare([result(1, [0.0, 4.0, 4.2])], host, labels, tol)
     assert any("top-1" in p for p in off.problems) and any("differ" in p for p in off.problems)
+    summarised = result(1, [0.2, 4.0, 1.0]).model_copy(
+        update={"raw": [RawTensor(shape=[1, 3], max=4.0)]}
+    )
+    with pytest.raises(pi_check.Failed, match="without the raw output's values"):
+        pi_check.compare([summarised], host, labels, tol)
 
 
 def test_other_running_checks_are_found_by_their_script(tmp_path: Path) -> None:

@@ -611,6 +611,13 @@ class Verdict:
     problems: list[str]
 
 
+def first_output(result: Any) -> list[float]:
+    """The values of a ``raw`` result's first output (``Result.raw[0]``, a ``RawTensor``)."""
+    if not result.raw or result.raw[0].values is None:
+        raise Failed(f"frame {result.frame}: a result without the raw output's values")
+    return list(result.raw[0].values)
+
+
 def compare(
     device: list[Any], host: dict[int, list[float]], labels: Any, tolerance: float
 ) -> Verdict:
@@ -620,7 +627,7 @@ def compare(
     problems: list[str] = []
     for r in device:
         image = (r.frame - 1) % DIGITS
-        ours, ref = r.raw[0], host[image]
+        ours, ref = first_output(r), host[image]
         diff = max(abs(a - b) for a, b in zip(ours, ref, strict=True))
         worst = max(worst, diff)
         top, ref_top = ours.index(max(ours)), ref.index(max(ref))
@@ -788,7 +795,7 @@ def check(args: argparse.Namespace, steps: Steps, report: dict[str, Any]) -> Non
             problems: list[str] = []
             for extra, runtime in runtimes.items():
                 reference = {
-                    (r.frame - 1) % DIGITS: r.raw[0] for r in of("results", f"host-{extra}")
+                    (r.frame - 1) % DIGITS: first_output(r) for r in of("results", f"host-{extra}")
                 }
                 pi_results = of("results", f"pi-{extra}")
                 verdict = compare(pi_results, reference, labels, tolerance)
