@@ -6,15 +6,19 @@ STAMP  := $(VENV)/.installed
 EXTRAS := tflite,litert,camera,metrics,audio,converter,server,dev
 
 CONSTRAINTS := constraints/workstation.txt
+# The PyTorch converter in a venv of its own (see constraints/torch.txt for why).
+TORCH_VENV  := .venv-torch
+TORCH_PY    := $(TORCH_VENV)/bin/python
+TORCH_STAMP := $(TORCH_VENV)/.installed
 MODEL_CACHE ?= $(HOME)/.cache/edge-deploy
 
-.PHONY: setup test lint fmt typecheck bench demo mosquitto console-tools chromium portaudio asyncapi clean pi-check install-check fuzz test-pythons
+.PHONY: setup setup-torch test lint fmt typecheck bench demo mosquitto console-tools chromium portaudio asyncapi clean pi-check install-check fuzz test-pythons
 
 # Playwright (dev extra) drives the system's Chromium in the dashboard's browser tests;
 # it must never download browsers of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-setup: $(STAMP) mosquitto console-tools chromium portaudio asyncapi
+setup: $(STAMP) mosquitto console-tools chromium portaudio asyncapi setup-torch
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,17 @@ $(PY):
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	$(PY) -m pip check
+	touch $@
+
+# edge-convert with PyTorch sources (.venv-torch/bin/edge-convert); part of setup so that
+# `make test` converts real PyTorch models (tests/test_convert_torch.py).
+setup-torch: $(TORCH_STAMP)
+
+$(TORCH_STAMP): pyproject.toml constraints/torch.txt $(CONSTRAINTS)
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_PY) -m pip install -q --upgrade pip
+	$(TORCH_PY) -m pip install -q -c constraints/torch.txt -e ".[converter,torch]"
+	$(TORCH_PY) -m pip check
 	touch $@
 
 mosquitto:
@@ -58,7 +73,7 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
-	$(PY) -m pytest
+	EDGE_REQUIRE_TORCH=1 $(PY) -m pytest
 
 # Not part of `make test`: the agent's tests on Python 3.10 (JetPack 6) and 3.13 (Pi OS
 # Trixie, numpy 2) in device venvs (.venv-py310, .venv-py313: litert,camera,metrics,audio, no
@@ -100,4 +115,4 @@ install-check: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) tests/device/install_check.py $(INSTALL_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-py310 .venv-py313 .pytest_cache .mypy_cache .ruff_cache tools/asyncapi/node_modules
+	rm -rf $(VENV) $(TORCH_VENV) .venv-py310 .venv-py313 .pytest_cache .mypy_cache .ruff_cache tools/asyncapi/node_modules

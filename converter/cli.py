@@ -83,6 +83,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             golden=args.golden,
             decoder=_decoder(args),
             input_shape=args.input_shape,
+            input_layout=args.input_layout,
         )
     )
     text = (
@@ -277,8 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="Keras/SavedModel -> checked, signed TFLite bundle")
-    p.add_argument("model", type=Path, help=".keras, .h5 or a SavedModel directory")
+    p = sub.add_parser(
+        "convert", help="Keras, SavedModel or PyTorch model -> checked, signed TFLite bundle"
+    )
+    p.add_argument(
+        "model",
+        type=Path,
+        help=".keras, .h5, a SavedModel directory; PyTorch (the torch extra): .pt2 (an "
+        "exported program), module:factory (returns the nn.Module) or TorchScript (.pt, .ts)",
+    )
     p.add_argument("--calib", type=Path, help="calibration data: image folder, .npy, .npz, .csv")
     p.add_argument("--val", type=Path, help="validation data (labels from y or class folders)")
     p.add_argument("--samples", type=int, default=300, help="calibration samples (default 300)")
@@ -296,7 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_shape,
         metavar="DIMS",
         help="a Keras model's input shape with its unknown dims chosen, e.g. 1,128,128,3: "
-        "the model is converted at that shape",
+        "the model is converted at that shape; a PyTorch factory's or TorchScript's example "
+        "input as the module takes it, e.g. 1,3,224,224",
+    )
+    p.add_argument(
+        "--input-layout",
+        choices=("nchw", "nhwc"),
+        default="nchw",
+        help="PyTorch: the module's image layout (default nchw, PyTorch's own); the bundle "
+        "takes NHWC either way",
     )
     _add_bundle_options(p)
     p.set_defaults(func=_cmd_convert)
@@ -347,9 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("example", help="write an example Keras model")
-    p.add_argument("which", choices=("digits", "colors", "shapes", "mobilenet"))
-    p.add_argument("-o", "--output", type=Path, required=True, help="FILE.keras")
+    p = sub.add_parser("example", help="write an example model and its data")
+    p.add_argument("which", choices=("digits", "colors", "shapes", "mobilenet", "digits-torch"))
+    p.add_argument(
+        "-o", "--output", type=Path, required=True, help="FILE.keras (digits-torch: FILE.pt2)"
+    )
     p.set_defaults(func=_cmd_example)
     return parser
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from converter.errors import ConverterError, UnquantizableOps
+from converter.errors import ConverterError, UnquantizableOps, first_line
 from converter.flatbuffer import read_flatbuffer
 from converter.progress import ProgressBar
 from converter.tfimport import import_tensorflow, quiet_fds
@@ -99,7 +99,7 @@ def load_source_model(path: Path, input_shape: Sequence[int] | None = None) -> S
                 loaded = tf.keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises anything from ValueError to zipfile errors
         kind = "SavedModel" if path.is_dir() else "Keras model"
-        raise ConverterError(f"{path}: not a loadable {kind} ({_first_line(exc)})") from None
+        raise ConverterError(f"{path}: not a loadable {kind} ({first_line(exc)})") from None
     if path.is_dir():
         if input_shape is not None:
             raise ConverterError(
@@ -159,7 +159,7 @@ def _fixed_input(path: Path, model: Any, input_shape: Sequence[int]) -> Any:
     except Exception as exc:  # the layers reject the shape
         raise ConverterError(
             f"{path}: the model does not build at --input-shape "
-            f"{','.join(map(str, shape))} ({_first_line(exc)})"
+            f"{','.join(map(str, shape))} ({first_line(exc)})"
         ) from None
 
 
@@ -191,13 +191,6 @@ def _saved_model(path: Path, loaded: Any) -> SourceModel:
         return signature(x)
 
     return SourceModel(path, "saved_model", call, _batch1(path, specs[0].shape), output_shapes)
-
-
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()[:300]
-    return type(exc).__name__
 
 
 def convert(
@@ -239,7 +232,7 @@ def convert(
         ops = _ops_named_in(text)
         if ops:
             raise UnquantizableOps(ops, "TFLite has no builtin kernel for") from None
-        raise ConverterError(f"conversion failed: {_first_line(exc)}") from None
+        raise ConverterError(f"conversion failed: {first_line(exc)}") from None
     if quantization in ("int8", "int8-float-io"):
         # The converter silently leaves ops without an int8 kernel in float32.
         float_ops = read_flatbuffer(data).float_ops()

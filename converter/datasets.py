@@ -77,6 +77,9 @@ def _fit_shape(path: Path, x: np.ndarray, input_shape: tuple[int, ...]) -> np.nd
     sample = tuple(input_shape[1:])
     if tuple(x.shape[1:]) == sample:
         return x
+    # NCHW images (PyTorch's arrays) for an NHWC input: reshaping would scramble them.
+    if len(sample) == 3 and x.ndim == 4 and tuple(x.shape[1:]) == (sample[2], *sample[:2]):
+        return np.transpose(x, (0, 2, 3, 1))
     # (n, 8, 8) for an (8, 8, 1) input, or flat CSV rows: same values, missing unit axes.
     if int(np.prod(x.shape[1:])) == int(np.prod(sample)) and x.ndim >= 2:
         return x.reshape((x.shape[0], *sample))

@@ -26,3 +26,11 @@ class AccuracyGateFailed(ConverterError):
     """The converted model lost more accuracy than ``--max-drop`` allows."""
 
     exit_code = EXIT_GATE_FAILED
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (toolchains raise pages), or its type."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return type(exc).__name__

@@ -70,6 +70,16 @@ def save_example(
     dest.parent.mkdir(parents=True, exist_ok=True)
     with quiet_fds():
         model.save(dest)
+    return save_data(dest, calib, val, labels)
+
+
+def save_data(
+    dest: Path,
+    calib: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    labels: list[str],
+) -> ExampleFiles:
+    """Beside the model at ``dest``: NAME-calib.npz, NAME-val.npz and NAME-labels.txt."""
     calib_file = dest.with_name(f"{dest.stem}-calib.npz")
     val_file = dest.with_name(f"{dest.stem}-val.npz")
     labels_file = dest.with_name(f"{dest.stem}-labels.txt")
@@ -166,9 +176,17 @@ def build_shapes(dest: Path, *, epochs: int = 12, seed: int = 0) -> ExampleFiles
     return build(dest, epochs=epochs, seed=seed)
 
 
+def build_digits_torch(dest: Path, *, epochs: int = 12, seed: int = 0) -> ExampleFiles:
+    """The digits CNN in PyTorch (converter.torch_examples), imported only when built."""
+    from converter.torch_examples import build_digits_torch as build
+
+    return build(dest, epochs=epochs, seed=seed)
+
+
 EXAMPLES: dict[str, Callable[[Path], ExampleFiles]] = {
     "digits": build_digits,
     "colors": build_colors,
     "shapes": build_shapes,
     "mobilenet": build_mobilenet,
+    "digits-torch": build_digits_torch,
 }

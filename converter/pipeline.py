@@ -25,12 +25,27 @@ from converter.bundle import (
     read_labels,
     resolve_decoder,
 )
-from converter.convert import Quantization, check_model_path, convert, load_source_model
+from converter.convert import (
+    Quantization,
+    SourceModel,
+    check_model_path,
+    convert,
+    load_source_model,
+)
 from converter.datasets import load_dataset
 from converter.errors import ConverterError
 from converter.evaluate import Evaluation, compare, run_tflite
 from converter.progress import ProgressBar
 from converter.reference import DEFAULT_GOLDEN, check_golden_count, golden_of, reference_of
+from converter.torch_source import (
+    InputLayout,
+    TorchSourceModel,
+    check_torch_quantization,
+    check_torch_source,
+    convert_torch,
+    is_torch_source,
+    load_torch_source,
+)
 
 
 @dataclass(frozen=True)
@@ -52,15 +67,23 @@ class ConvertOptions:
     golden: int = DEFAULT_GOLDEN
     # detect: the decoder spec as given (see ``bundle.resolve_decoder``)
     decoder: dict[str, Any] | None = None
-    # --input-shape: a Keras model's dynamic input dims fixed for conversion
+    # --input-shape: a Keras model's dynamic input dims fixed for conversion; a PyTorch
+    # factory's or TorchScript's example input (NCHW for images)
     input_shape: list[int] | None = None
+    # PyTorch sources: the module's image layout (converted to NHWC edges when nchw)
+    input_layout: InputLayout = "nchw"
 
 
 def run_convert(opts: ConvertOptions) -> dict[str, Any]:
     """Convert and publish; returns the summary that ``--json`` prints."""
-    check_model_path(opts.model)
+    torch_source = is_torch_source(opts.model)
+    if torch_source:
+        check_torch_source(opts.model)
+        check_torch_quantization(opts.quantization)
+    else:
+        check_model_path(opts.model)
     check_destination(opts.out)
-    name = check_name(opts.name or opts.model.stem, "name")
+    name = check_name(opts.name or _default_name(opts.model), "name")
     version = check_name(opts.version, "version")
     if opts.samples < 1:
         raise ConverterError("--samples must be at least 1")
@@ -74,7 +97,11 @@ def run_convert(opts: ConvertOptions) -> dict[str, Any]:
     labels = read_labels(opts.labels) if opts.labels else None
     key = load_signing_key(opts.sign_key)
 
-    source = load_source_model(opts.model, opts.input_shape)
+    source: SourceModel | TorchSourceModel = (
+        load_torch_source(opts.model, opts.input_shape, opts.input_layout)
+        if torch_source
+        else load_source_model(opts.model, opts.input_shape)
+    )
     if source.output_shapes:
         check_labels(labels, source.output_shapes[0], opts.task)
     calibration = None
@@ -90,8 +117,8 @@ def run_convert(opts: ConvertOptions) -> dict[str, Any]:
         len(calib_x) if calib_x is not None else 1,
         opts.progress and calib_x is not None,
     ) as bar:
-        model = convert(source, opts.quantization, calib_x, bar)
-    float_model = convert(source, None)
+        model = _convert(source, opts.quantization, calib_x, bar)
+    float_model = _convert(source, None)
     try:
         loaded = load_model(model)
     except LoaderError as exc:
@@ -134,6 +161,23 @@ def run_convert(opts: ConvertOptions) -> dict[str, Any]:
     )
     bundle = publish(opts.out, model, manifest, key)
     return summary(bundle, manifest, len(float_model), evaluation, signed=key is not None)
+
+
+def _convert(
+    source: SourceModel | TorchSourceModel,
+    quantization: Quantization | None,
+    calibration: Any = None,
+    progress: ProgressBar | None = None,
+) -> bytes:
+    if isinstance(source, TorchSourceModel):
+        return convert_torch(source, quantization, calibration, progress)
+    return convert(source, quantization, calibration, progress)
+
+
+def _default_name(model: Path) -> str:
+    """The file's stem; for ``module:factory``, the factory's name."""
+    text = str(model)
+    return text.rpartition(":")[2] if ":" in text and not model.exists() else model.stem
 
 
 def summary(
