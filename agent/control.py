@@ -42,8 +42,7 @@ class AgentControl:
         shadow: bool | None = None,
         min_agreement: float | None = None,
     ) -> dict[str, Any]:
-        if pipeline is not None and pipeline not in self.pipelines:
-            raise CommandFailed(ReplyCode.NOT_FOUND, f"no pipeline named {pipeline!r}")
+        self._check_pipeline(pipeline)
         return self.lifecycle.deploy(
             manifest,
             signature,
@@ -56,6 +55,14 @@ class AgentControl:
 
     def rollback(self, model: str, to_version: str | None, progress: Progress) -> dict[str, Any]:
         return self.lifecycle.rollback(model, to_version, progress)
+
+    def check_deploy(self, model: str, pipeline: str | None) -> None:
+        self._check_pipeline(pipeline)
+        self.lifecycle.check_deploy(model, pipeline)
+
+    def _check_pipeline(self, pipeline: str | None) -> None:
+        if pipeline is not None and pipeline not in self.pipelines:
+            raise CommandFailed(ReplyCode.NOT_FOUND, f"no pipeline named {pipeline!r}")
 
     def model_states(self) -> list[ModelState]:
         return self.lifecycle.model_states()

@@ -130,6 +130,7 @@ class FakeTarget:
         self.release = threading.Event()
         self.release.set()
         self.fail_with: p.CommandFailed | None = None
+        self.refuse_before_download: p.CommandFailed | None = None
         self.model_bytes: list[bytes] = []
 
     def deploy(
@@ -147,6 +148,10 @@ class FakeTarget:
         if self.fail_with is not None:
             raise self.fail_with
         return {"model": manifest.get("name"), "version": manifest.get("version")}
+
+    def check_deploy(self, model: str, pipeline: str | None) -> None:
+        if self.refuse_before_download is not None:
+            raise self.refuse_before_download
 
     def rollback(self, model: str, to_version: str | None, progress: p.Progress) -> dict[str, Any]:
         self.calls.append(("rollback", model))

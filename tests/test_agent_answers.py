@@ -3,6 +3,8 @@
 - A model no pipeline uses: a deploy of it is ``done`` (stored, validated, active) but
   says ``served: false`` with a note, and its state is ``stored``, never ``serving``.
 - A ``config`` change refused for a pipeline names the pipeline as the key did.
+- A deploy the device would refuse whatever the file (a pipeline that does not exist, or
+  one serving another model) is refused before anything is downloaded.
 
 One in-process ``agent.service.Agent`` (link, command plane, chunk transfer, store,
 validation child, probation) with one pipeline, driven by ``edge-fleet`` and raw
@@ -11,9 +13,13 @@ commands on a private Mosquitto.
 
 from __future__ import annotations
 
+import functools
+import http.server
+import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +29,7 @@ import pytest
 
 from agent.live import LiveConfig
 from agent.models import manifest as mf
-from agent.protocol import ConfigCommand, Reply, State
+from agent.protocol import ConfigCommand, DeployCommand, Reply, State, UrlArtifact
 from agent.service import Agent
 from tests.fleet_support import json_out, tiny_agent_config
 from tests.lifecycle_support import manifest_for
@@ -123,3 +129,50 @@ def test_a_refused_config_change_names_the_pipeline_by_name(rig: Rig) -> None:
     assert (final.id, final.status, final.code.value) == ("cfg-face", "failed", "config_rejected")
     assert final.message == "pipelines.face.top_k: Input should be greater than or equal to 1"
     assert rig.agent.live.current.pipelines[0].threshold == 0.0  # nothing changed
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("model", "pipeline", "code", "message"),
+    [
+        ("tiny", "nope", "not_found", "no pipeline named 'nope'"),
+        ("spare", "face", "incompatible", "pipeline face serves model tiny, not spare"),
+    ],
+)
+def test_a_deploy_refused_whatever_the_file_downloads_nothing(
+    rig: Rig, model: str, pipeline: str, code: str, message: str
+) -> None:
+    bundle = rig.bundles[model]
+    handler = functools.partial(CountingHandler, directory=str(bundle))
+    CountingHandler.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, name="bundle-http", daemon=True).start()
+    replies = MessageCollector(rig.broker, f"{PREFIX}/{DEVICE}/reply")
+    try:
+        command = DeployCommand(
+            id=f"early-{code}",
+            manifest=json.loads((bundle / "manifest.json").read_text()),
+            signature=(bundle / "manifest.sig").read_text().strip(),
+            artifact=UrlArtifact(url=f"http://127.0.0.1:{server.server_port}/model.tflite"),
+            pipeline=pipeline,
+        )
+        publish(rig.broker, f"{PREFIX}/{DEVICE}/cmd", command.to_bytes())
+        received = replies.wait_for(2, timeout=30)  # accepted, then failed
+    finally:
+        replies.close()
+        server.shutdown()
+        server.server_close()
+    final = Reply.model_validate_json(received[-1].payload)
+    assert (final.id, final.status, final.code.value) == (f"early-{code}", "failed", code)
+    assert final.message == message
+    assert CountingHandler.requests == [], "the device downloaded a model it was bound to refuse"

@@ -60,6 +60,11 @@ class CommandTarget(Protocol):
         self, model: str, to_version: str | None, progress: p.Progress
     ) -> dict[str, Any]: ...
 
+    def check_deploy(self, model: str, pipeline: str | None) -> None:
+        """Before any download: raises ``CommandFailed`` (not_found, incompatible, busy)
+        when a deploy of ``model`` on ``pipeline`` would be refused whatever the file."""
+        ...
+
     def model_states(self) -> list[p.ModelState]: ...
 
     def status(self) -> dict[str, Any]: ...
@@ -437,6 +442,9 @@ class CommandDispatcher:
 
     def _deploy(self, command: p.DeployCommand, progress: p.Progress) -> dict[str, Any]:
         manifest = dict(command.manifest)
+        # Nothing is downloaded for a deploy the device would refuse whatever the file holds.
+        parsed = self._fetcher.verify(manifest, command.signature)
+        self._target.check_deploy(parsed.name, command.pipeline)
         model_file = self._fetcher.fetch(
             command.id, command.artifact, manifest, progress, signature=command.signature
         )

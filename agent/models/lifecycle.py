@@ -218,6 +218,15 @@ class ModelLifecycle:
         with self._exclusive(name, "deploy"):
             return self._deploy(name, manifest, signature, model_file, servers, progress, rule)
 
+    def check_deploy(self, name: str, pipeline: str | None) -> None:
+        """The refusals a deploy gets whatever its file (see ``CommandTarget``); ``deploy``
+        checks them again, as another command may have started meanwhile."""
+        self._servers_for(name, pipeline)
+        with self._locks_guard:
+            lock = self._locks.get(name)
+        if lock is not None and lock.locked():
+            raise CommandFailed(ReplyCode.BUSY, _busy(name, "deploy"))
+
     def rollback(self, model: str, to_version: str | None, progress: Progress) -> dict[str, Any]:
         try:
             check_component(model, "model name")
@@ -702,10 +711,7 @@ class ModelLifecycle:
         with self._locks_guard:
             lock = self._locks.setdefault(name, threading.Lock())
         if not lock.acquire(blocking=False):
-            raise CommandFailed(
-                ReplyCode.BUSY,
-                f"model {name} is busy with another deploy or rollback; retry the {what} later",
-            )
+            raise CommandFailed(ReplyCode.BUSY, _busy(name, what))
         return _Held(lock)
 
     def _validate(
@@ -795,3 +801,7 @@ class _Held:
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
+
+
+def _busy(name: str, what: str) -> str:
+    return f"model {name} is busy with another deploy or rollback; retry the {what} later"
