@@ -14,8 +14,9 @@ data loader transposes NCHW arrays.
 
 Quantisation is PT2E (``torch.export``, prepare, calibrate by running the calibration data
 through the observed graph, convert), lowered by litert-torch. ``int8`` gives int8 input and
-output tensors; ``dynamic`` int8 weights with float activations; litert-torch 0.10 has no
-``float16`` and no int8 with float input/output, and they are refused with one line.
+output tensors; ``dynamic`` int8 weights with float activations; ``float16`` float16 weights
+(ai-edge-quantizer's float casting of the float model; litert-torch brings it). Neither gives
+int8 with float input/output: that mode is refused with one line.
 
 torch and litert-torch are imported only here, only for PyTorch sources: they are the
 ``torch`` extra, which neither a device nor a Keras-only workstation installs.
@@ -45,8 +46,7 @@ TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 # ``package.module:callable``: a dotted import path, a colon, a name.
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 UNSUPPORTED_QUANT = {
-    "float16": "litert-torch 0.10 has no float16 conversion",
-    "int8-float-io": "litert-torch gives int8 input and output tensors",
+    "int8-float-io": "litert-torch and ai-edge-quantizer give int8 input and output tensors",
 }
 INSTALL_HINT = (
     "install the torch extra: make setup-torch, or pip install -c constraints/torch.txt "
@@ -91,7 +91,7 @@ def check_torch_quantization(quantization: str | None) -> None:
     if quantization in UNSUPPORTED_QUANT:
         raise ConverterError(
             f"--quant {quantization} is not supported for PyTorch models "
-            f"({UNSUPPORTED_QUANT[quantization]}): use int8 or dynamic"
+            f"({UNSUPPORTED_QUANT[quantization]}): use int8, dynamic or float16"
         )
 
 
@@ -264,13 +264,15 @@ def convert_torch(
     torch, litert_torch = import_torch()
     example = (torch.zeros(source.input_shape),)
     try:
-        if quantization is None:
+        if quantization in (None, "float16"):
             with quiet_fds():
                 edge = litert_torch.convert(source.module, example)
         else:
             edge = _quantised(torch, litert_torch, source, quantization, calibration, progress)
         with quiet_fds():  # the flatbuffer is written now, with litert-torch's progress lines
             data = bytes(edge.model_content())
+            if quantization == "float16":
+                data = _float16_weights(data)
     except ConverterError:
         raise
     except Exception as exc:  # litert-torch raises whatever torch.export or MLIR raised
@@ -317,3 +319,28 @@ def _quantised(
         graph = quantize_pt2e.convert_pt2e(graph, fold_quantize=False)
         config = QuantConfig(pt2e_quantizer=quantizer)
         return litert_torch.convert(graph, example, quant_config=config)
+
+
+def _float16_weights(float_model: bytes) -> bytes:
+    """The float model with its weights stored as float16 (dequantised at load)."""
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+    from ai_edge_quantizer.quantizer import Quantizer
+
+    quantizer = Quantizer(float_model)
+    quantizer.update_quantization_recipe(
+        regex=".*",
+        operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+        op_config=qtyping.OpQuantizationConfig(
+            weight_tensor_config=qtyping.TensorQuantizationConfig(
+                num_bits=16, dtype=qtyping.TensorDataType.FLOAT
+            ),
+            compute_precision=qtyping.ComputePrecision.FLOAT,
+            explicit_dequantize=True,
+        ),
+        algorithm_key=AlgorithmName.FLOAT_CASTING,
+    )
+    result = quantizer.quantize(enable_progress_report=False)
+    if result.quantized_model is None:
+        raise ConverterError("float16 conversion gave no model")
+    return bytes(result.quantized_model)
