@@ -237,11 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: each device's models.probation.min_agreement)",
     )
     p.add_argument(
-        "--no-shadow",
-        dest="shadow",
-        action="store_false",
+        "--shadow",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="swap the new version in without shadow evaluation beside the serving one",
+        help="evaluate the new version beside the serving one before the swap; --no-shadow "
+        "swaps it in without (default: each device's models.probation.shadow)",
     )
     p.add_argument(
         "--timeout",

@@ -93,11 +93,6 @@ def _as_row(device: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     target = _target(args)
-    if args.shadow is not None or args.min_agreement is not None:
-        raise UsageError(
-            "--no-shadow and --min-agreement go without --server (rollouts use each "
-            "device's own models.probation settings)"
-        )
     bundle = load_bundle(args)  # checked here first, as without a server
     if args.max_failures < 0:
         raise UsageError("--max-failures must be 0 or more")
@@ -118,6 +113,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         "waves": args.waves,
         "max_failures": args.max_failures,
         "approval": args.approval,
+        # The rollout sends them in each deploy; left out, each device's config decides.
+        "shadow": args.shadow,
+        "min_agreement": args.min_agreement,
     }
     rollout = client.create_rollout({k: v for k, v in body.items() if v is not None})
     hint = f"edge-fleet rollouts --server {args.server} --id {rollout['id']}"

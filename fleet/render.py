@@ -315,7 +315,8 @@ def rollout_text(view: dict[str, Any]) -> str:
     head = (
         f"rollout {view['id']}: {view['model']} {view['version']} to "
         f"{view['target_kind']}/{view['target']}, {view['state']}"
-        f" (wave {view['current_wave'] + 1} of {waves}; {render_plan(plan)})"
+        f" (wave {view['current_wave'] + 1} of {waves}; {render_plan(plan)}"
+        f"{render_checks(view)})"
     )
     if view.get("message"):
         head += f": {view['message']}"
@@ -343,6 +344,16 @@ def render_plan(plan: dict[str, Any]) -> str:
     if plan.get("approval"):
         parts.append("approval between waves")
     return ", ".join(parts)
+
+
+def render_checks(view: dict[str, Any]) -> str:
+    """A rollout's model-health checks, when set (unset: each device's config decides)."""
+    parts = []
+    if view.get("shadow") is not None:
+        parts.append(f"shadow {'on' if view['shadow'] else 'off'}")
+    if view.get("min_agreement") is not None:
+        parts.append(f"min agreement {view['min_agreement']:g}")
+    return "".join(f", {p}" for p in parts)
 
 
 def history_text(history: dict[str, Any]) -> str:

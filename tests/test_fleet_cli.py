@@ -12,7 +12,7 @@ import pytest
 
 from agent.models.manifest import load_public_key
 from agent.protocol import DeployCommand, ModelState, ReplyCode
-from fleet.cli import UsageError, build_parser, load_bundle, main
+from fleet.cli import UsageError, build_parser, load_bundle
 from tests.fleet_support import (
     Keys,
     SimDevice,
@@ -473,7 +473,7 @@ def test_unreachable_broker_is_one_line_and_exit_1(prefix: str, tmp_path: Path) 
     assert line.startswith("edge-fleet status: cannot connect to the broker at mqtt://127.0.0.1:")
 
 
-def test_shadow_options_of_a_deploy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shadow_options_of_a_deploy(capsys: pytest.CaptureFixture[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(["deploy", "b", "--device", "a"])
     assert (args.shadow, args.min_agreement) == (None, None)  # the devices' config decides
@@ -484,8 +484,4 @@ def test_shadow_options_of_a_deploy(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         parser.parse_args(["deploy", "b", "--device", "a", "--min-agreement", "1.5"])
     assert "expected a number from 0 to 1, got '1.5'" in capsys.readouterr().err
-    # Rollouts of the fleet server do not pass them (yet): said, not silently dropped.
-    code = main(["deploy", str(tmp_path), "--server", "http://127.0.0.1:9", "--device", "a",
-                 "--no-shadow"])  # fmt: skip
-    assert code == 2
-    assert "--no-shadow and --min-agreement go without --server" in capsys.readouterr().err
+    assert parser.parse_args(["deploy", "b", "--device", "a", "--shadow"]).shadow is True

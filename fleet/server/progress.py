@@ -74,6 +74,8 @@ class Send:
     model: str
     version: str
     pipeline: str | None
+    shadow: bool | None  # the rollout's model-health checks; None: the device's config
+    min_agreement: float | None
     rollback: bool  # the device keeps the version: roll back to it instead of deploying
     bundle: BundleRecord
 
@@ -228,6 +230,8 @@ class RolloutProgress:
                     rollout.model,
                     rollout.version,
                     rollout.pipeline,
+                    rollout.shadow,
+                    rollout.min_agreement,
                     _keeps(model, rollout),
                     bundle,
                 )

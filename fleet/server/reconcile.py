@@ -349,6 +349,10 @@ class Reconciler:
             signature=send.bundle.signature,
             artifact=self.delivery.artifact(send.bundle),
             pipeline=send.pipeline,
+            # Only what the operator chose: None is left out of the message, and the
+            # device's own config decides.
+            shadow=send.shadow,
+            min_agreement=send.min_agreement,
         )
 
     def _republish(self, record: CommandRecord) -> None:

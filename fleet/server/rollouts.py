@@ -9,6 +9,7 @@ device's retries. Wave planning is ``fleet.rollout``'s, shared with the CLI.
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any
 
@@ -92,8 +93,14 @@ def create_rollout(
     approval: bool,
     actor: str,
     now: float,
+    shadow: bool | None = None,
+    min_agreement: float | None = None,
 ) -> Rollout:
-    """Set the desired state of (target, model) and plan the rollout that carries it out."""
+    """Set the desired state of (target, model) and plan the rollout that carries it out.
+
+    ``shadow`` and ``min_agreement`` are the deploy's model-health checks, sent to the
+    devices as given; None leaves them to each device's config.
+    """
     _check(validate_name, "model", model)
     _check(validate_name, "version", version)
     if pipeline is not None:
@@ -116,6 +123,10 @@ def create_rollout(
         raise RolloutError("waves", f"must be at least 1, not {waves}")
     if max_failures < 0:
         raise RolloutError("max_failures", f"must be 0 or more, not {max_failures}")
+    if min_agreement is not None and not (
+        math.isfinite(min_agreement) and 0.0 <= min_agreement <= 1.0
+    ):
+        raise RolloutError("min_agreement", f"must be 0..1, not {min_agreement}")
     bundle = session.scalar(
         select(BundleRecord).where(BundleRecord.name == model, BundleRecord.version == version)
     )
@@ -139,9 +150,12 @@ def create_rollout(
             "version": desired.version,
             "pipeline": desired.pipeline,
             "rollout_id": desired.rollout_id,
+            "shadow": desired.shadow,
+            "min_agreement": desired.min_agreement,
         }
         _supersede(session, desired.rollout_id, rollout_id, now)
     desired.version, desired.pipeline, desired.rollout_id = version, pipeline, rollout_id
+    desired.shadow, desired.min_agreement = shadow, min_agreement
     desired.set_at, desired.set_by = now, actor
 
     members = _target_devices(session, target_kind, target)
@@ -154,6 +168,8 @@ def create_rollout(
         model=model,
         version=version,
         pipeline=pipeline,
+        shadow=shadow,
+        min_agreement=min_agreement,
         target_kind=target_kind,
         target=target,
         state=RUNNING,
@@ -345,6 +361,10 @@ def abort(session: Session, rollout_id: str, *, actor: str, now: float) -> Rollo
             desired.version = previous["version"]
             desired.pipeline = previous.get("pipeline")
             desired.rollout_id = previous.get("rollout_id")
+            # The previous declaration's own checks (absent from a rollout made before
+            # they existed: the devices' config, as then).
+            desired.shadow = previous.get("shadow")
+            desired.min_agreement = previous.get("min_agreement")
             desired.set_at, desired.set_by = now, actor
             _reinstate(session, desired.rollout_id, rollout.id, now)
     rollout.state = ABORTED
@@ -425,6 +445,8 @@ def rollout_summary(rollout: Rollout) -> dict[str, Any]:
         "model": rollout.model,
         "version": rollout.version,
         "pipeline": rollout.pipeline,
+        "shadow": rollout.shadow,
+        "min_agreement": rollout.min_agreement,
         "target_kind": rollout.target_kind,
         "target": rollout.target,
         "state": rollout.state,
@@ -509,6 +531,8 @@ def desired_view(row: Desired) -> dict[str, Any]:
         "model": row.model,
         "version": row.version,
         "pipeline": row.pipeline,
+        "shadow": row.shadow,
+        "min_agreement": row.min_agreement,
         "rollout_id": row.rollout_id,
         "set_at": row.set_at,
         "set_by": row.set_by,

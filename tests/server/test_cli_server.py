@@ -210,6 +210,25 @@ def test_deploy_no_follow_leaves_the_rollout_to_the_server(api: ApiServer, tmp_p
     assert usage.returncode == 2 and "go with --server" in usage.stderr
 
 
+def test_deploy_passes_shadow_and_min_agreement_to_the_rollout(
+    api: ApiServer, tmp_path: Path
+) -> None:
+    bundle = make_bundle(tmp_path / "digits-2", MODEL, version="2", keys=api.keys)
+    args = ["--pub", str(api.keys.public), "--no-follow"]
+    checked = ["--group", "door", "--no-shadow", "--min-agreement", "0.9"]
+    out = run(api, "deploy", str(bundle), *checked, *args)
+    assert out.returncode == 0, out.stderr
+    out = run(api, "deploy", str(bundle), "--device", "cam-3", *args)
+    assert out.returncode == 0, out.stderr
+    with api.database.session() as s:
+        rows = {r.target: (r.id, r.shadow, r.min_agreement) for r in s.scalars(select(Rollout))}
+    assert {t: v[1:] for t, v in rows.items()} == {"door": (False, 0.9), "cam-3": (None, None)}
+    shown = run(api, "rollouts", "--id", rows["door"][0])
+    assert shown.returncode == 0 and "shadow off, min agreement 0.9)" in shown.stdout
+    shown = run(api, "rollouts", "--id", rows["cam-3"][0])
+    assert shown.returncode == 0 and "shadow" not in shown.stdout.splitlines()[0]
+
+
 def follow(proc: subprocess.Popen[str]) -> tuple[str, str]:
     """The deploy's first two lines: the rollout made, then the first poll's state.
     Read before the test moves the rollout, so the CLI has seen it running."""

@@ -276,12 +276,16 @@ def test_a_canary_rollout_made_in_the_browser_passes_probation_live_and_is_appro
     page.locator("input[name=waves]").fill("1")
     page.locator("input[name=max_failures]").fill("0")
     page.locator("input[name=approval]").check()
+    page.locator("select[name=shadow]").select_option("off")
+    page.locator("input[name=min_agreement]").fill("0.9")
     # (Every page has a submit button of its own: log out.)
     page.locator("form", has=page.locator("select[name=bundle]")).locator(
         "button[type=submit]"
     ).click()
     expect(page).to_have_url(re.compile(r"/rollouts/[^/]+$"))
     rid = rollout_id(page)
+    checks = page.locator("[data-testid=rollout-checks]")
+    expect(checks).to_have_text("shadow off, min agreement 0.9")
 
     [canary] = [d["device"] for d in dash.api().rollout(rid)["devices"] if d["wave"] == 0]
     rest = sorted(set(fleets.by_group["door"].devices) - {canary})

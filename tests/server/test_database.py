@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from fleet.server.db import Database, DatabaseError
-from fleet.server.db.schema import Base, Device
+from fleet.server.db.database import MIGRATIONS
+from fleet.server.db.schema import Base, Desired, Device, Rollout, RolloutDevice
 from tests.server.conftest import PostgresServer
 from tests.server.server_support import wait_until
 
@@ -87,5 +90,62 @@ def test_processes_migrating_one_fresh_database_at_once_all_succeed(
     database = Database(url)
     try:
         assert "devices" in inspect(database.engine).get_table_names()
+    finally:
+        database.close()
+
+
+def migrate_to(database: Database, revision: str) -> None:
+    """The schema as the server of ``revision`` made it (``Database.migrate``'s way)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with database.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+# A rollout, its desired row and a device's row, as a 0001 server wrote them.
+ROWS_0001 = [
+    "INSERT INTO rollouts (id, model, version, pipeline, target_kind, target, state, plan,"
+    " current_wave, previous, message, created_at, created_by, updated_at, finished_at)"
+    " VALUES ('r-1', 'digits', '2', 'door', 'group', 'kitchen', 'running',"
+    " '{\"waves\": 1, \"wave_count\": 1}', 0, NULL, '', 1.0, 'alice', 1.0, NULL)",
+    "INSERT INTO desired (target_kind, target, model, version, pipeline, rollout_id, set_at,"
+    " set_by) VALUES ('group', 'kitchen', 'digits', '2', 'door', 'r-1', 1.0, 'alice')",
+    "INSERT INTO rollout_devices (rollout_id, device_id, wave, status, attempts, message,"
+    " next_attempt_at, updated_at) VALUES ('r-1', 'pi-a', 0, 'sent', 1, '', 0.0, 1.0)",
+]
+
+
+def test_the_health_checks_migration_upgrades_a_0001_database_with_its_rows(
+    db_url: str,
+) -> None:
+    """0002 adds shadow and min_agreement to rollouts and desired state: every row a 0001
+    server wrote is still there (the rollout's devices too: no table was recreated
+    under them), and the new columns are null (each device's config, as before)."""
+    database = Database(db_url)
+    try:
+        migrate_to(database, "0001")
+        with database.engine.begin() as c:
+            for statement in ROWS_0001:
+                c.execute(text(statement))
+        database.migrate()
+        with database.engine.connect() as c:
+            assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        with database.session() as s:
+            rollout = s.get(Rollout, "r-1")
+            assert rollout is not None and rollout.plan == {"waves": 1, "wave_count": 1}
+            assert (rollout.version, rollout.shadow, rollout.min_agreement) == ("2", None, None)
+            (desired,) = s.query(Desired).all()
+            assert (desired.rollout_id, desired.shadow, desired.min_agreement) == (
+                "r-1",
+                None,
+                None,
+            )
+            row = s.get(RolloutDevice, ("r-1", "pi-a"))
+            assert row is not None and (row.status, row.attempts) == ("sent", 1)
+            rollout.shadow, rollout.min_agreement = False, 0.75
+        with database.session() as s:
+            again = s.get(Rollout, "r-1")
+            assert again is not None and (again.shadow, again.min_agreement) == (False, 0.75)
     finally:
         database.close()

@@ -731,3 +731,26 @@ def test_the_thread_reconciles_until_stopped_and_then_lets_the_lease_go(
     with database.session() as s:
         lease = s.get(LeaseRow, "reconciler")
         assert lease is not None and lease.expires_at == 0.0  # released
+
+
+def test_deploys_carry_the_rollouts_health_checks_only_when_set(
+    database: Database, clock: Clock, sender: FakeSender, tmp_path: Path
+) -> None:
+    add_bundle(database, "2")
+    add_bundle(database, "3")
+    add_device(database, "a")
+    add_device(database, "b", groups=("lab",))
+    checked = start_rollout(database, clock, "2", shadow=False, min_agreement=0.8)
+    plain = start_rollout(database, clock, "3", target="lab")
+    reconciler(database, sender, clock, tmp_path).tick()
+    sent = dict(sender.take())
+    assert isinstance(sent["a"], DeployCommand) and isinstance(sent["b"], DeployCommand)
+    assert (sent["a"].shadow, sent["a"].min_agreement) == (False, 0.8)
+    assert (sent["b"].shadow, sent["b"].min_agreement) == (None, None)
+    with database.session() as s:
+        bodies = {c.rollout_id: c.body for c in s.scalars(select(CommandRecord))}
+    # As recorded (and so published again after a restart): exactly what was chosen,
+    # nothing at all where the device's config is to decide.
+    assert (bodies[checked]["shadow"], bodies[checked]["min_agreement"]) == (False, 0.8)
+    assert "shadow" not in bodies[plain] and "min_agreement" not in bodies[plain]
+    assert b'"shadow"' not in sent["b"].to_bytes()

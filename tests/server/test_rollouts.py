@@ -9,15 +9,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
-from fastapi import FastAPI
 from sqlalchemy import select
 
-from fleet.server.api.rollouts import router
+from fleet.server.app import create_app
 from fleet.server.artifacts import ArtifactStore
 from fleet.server.auth import create_token
 from fleet.server.config import ServerConfig
@@ -100,7 +100,13 @@ def test_a_new_rollout_supersedes_the_unfinished_one_and_remembers_it(
         old, new = s.get(Rollout, first), s.get(Rollout, second)
         assert old is not None and new is not None
         assert (old.state, old.message) == ("superseded", f"superseded by {second}")
-        assert new.previous == {"version": "2", "pipeline": "door", "rollout_id": first}
+        assert new.previous == {
+            "version": "2",
+            "pipeline": "door",
+            "rollout_id": first,
+            "shadow": None,
+            "min_agreement": None,
+        }
         assert len(s.scalars(select(Desired)).all()) == 1
         counts = rollouts_by_state(s)
     assert counts["superseded"] == 1 and counts["running"] == 1 and counts["done"] == 0
@@ -205,19 +211,17 @@ class Api:
             return err.code, json.loads(err.read())
 
 
-@pytest.fixture
-def api(database: Database, tmp_path: Path) -> Iterator[Api]:
-    with database.session() as s:
-        operator = create_token(s, "alice", "operator")
-        reader = create_token(s, "viewer", "read")
-    app = FastAPI()
-    app.include_router(router)
-    app.state.context = ServerContext(
-        config=ServerConfig(data_dir=tmp_path),
-        database=database,
-        store=ArtifactStore(tmp_path / "artifacts"),
-        trusted_keys=[],
-        sender=None,
+@contextmanager
+def serving(database: Database, tmp_path: Path) -> Iterator[str]:
+    """The server's app (its error handlers too) over ``database``; yields its URL."""
+    app = create_app(
+        ServerContext(
+            config=ServerConfig(data_dir=tmp_path),
+            database=database,
+            store=ArtifactStore(tmp_path / "artifacts"),
+            trusted_keys=[],
+            sender=None,
+        )
     )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -227,9 +231,21 @@ def api(database: Database, tmp_path: Path) -> Iterator[Api]:
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield Api(f"http://127.0.0.1:{port}", operator, reader)
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        app.state.stopping.set()
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def api(database: Database, tmp_path: Path) -> Iterator[Api]:
+    with database.session() as s:
+        operator = create_token(s, "alice", "operator")
+        reader = create_token(s, "viewer", "read")
+    with serving(database, tmp_path) as url:
+        yield Api(url, operator, reader)
 
 
 def test_rollouts_over_http(api: Api, database: Database) -> None:
@@ -326,3 +342,80 @@ def test_http_refuses_bad_requests_with_the_field(api: Api, database: Database) 
     with database.session() as s:
         assert s.scalars(select(Rollout)).all() == []
         assert s.scalars(select(AuditEntry)).all() == []
+
+
+# ------------------------------------------------------------ model-health checks
+
+
+def test_a_rollout_carries_its_health_checks_and_abort_restores_the_previous_ones(
+    database: Database, clock: Clock
+) -> None:
+    add_bundle(database, "1")
+    add_bundle(database, "2")
+    add_device(database, "a")
+    first = start_rollout(database, clock, "1", shadow=True, min_agreement=0.8)
+    second = start_rollout(database, clock, "2", shadow=False)
+    with database.session() as s:
+        view = rollout_view(s, second)
+        assert (view["shadow"], view["min_agreement"]) == (False, None)
+        (desired,) = s.scalars(select(Desired)).all()
+        assert (desired.shadow, desired.min_agreement) == (False, None)
+        abort(s, second, actor="bob", now=clock())
+    with database.session() as s:
+        (desired,) = s.scalars(select(Desired)).all()
+        assert (desired.version, desired.rollout_id) == ("1", first)
+        assert (desired.shadow, desired.min_agreement) == (True, 0.8)
+        old = s.get(Rollout, first)
+        assert old is not None and (old.shadow, old.min_agreement) == (True, 0.8)
+
+
+def test_min_agreement_out_of_range_is_refused_naming_it(database: Database, clock: Clock) -> None:
+    add_bundle(database, "2")
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(RolloutError, match="must be 0..1") as err:
+            start_rollout(database, clock, "2", min_agreement=bad)
+        assert err.value.field == "min_agreement" and err.value.status == 422
+    with database.session() as s:
+        assert s.scalars(select(Rollout)).all() == []
+        assert s.scalars(select(Desired)).all() == []
+
+
+def test_health_checks_over_http_are_validated_and_kept_across_a_restart(
+    api: Api, database: Database, tmp_path: Path
+) -> None:
+    add_bundle(database, "2")
+    add_device(database, "a")
+    body = {"model": "digits", "version": "2", "group": "kitchen"}
+    code, refused = api.call("POST", "/api/rollouts", {**body, "min_agreement": 1.5})
+    assert code == 422
+    assert refused["detail"].startswith("body.min_agreement: "), refused
+    code, refused = api.call("POST", "/api/rollouts", {**body, "shadow": "sometimes"})
+    assert code == 422 and refused["detail"].startswith("body.shadow: "), refused
+    with database.session() as s:
+        assert s.scalars(select(Rollout)).all() == []
+
+    code, view = api.call("POST", "/api/rollouts", {**body, "shadow": False, "min_agreement": 0.8})
+    assert code == 201, view
+    rid = view["id"]
+    assert (view["shadow"], view["min_agreement"]) == (False, 0.8)
+    code, plain = api.call("POST", "/api/rollouts", {**body, "device": "a", "group": None})
+    assert code == 201 and (plain["shadow"], plain["min_agreement"]) == (None, None)
+    desired = {d["target"]: d for d in api.call("GET", "/api/desired")[1]["desired"]}
+    assert (desired["kitchen"]["shadow"], desired["kitchen"]["min_agreement"]) == (False, 0.8)
+    assert (desired["a"]["shadow"], desired["a"]["min_agreement"]) == (None, None)
+
+    # A restarted server (a new process: its own engine, migrating at start) on the
+    # same database serves them back.
+    restarted = Database(database.url)
+    try:
+        restarted.migrate()
+        with serving(restarted, tmp_path) as url:
+            code, again = Api(url, api.operator, api.reader).call("GET", f"/api/rollouts/{rid}")
+        assert code == 200 and (again["shadow"], again["min_agreement"]) == (False, 0.8)
+    finally:
+        restarted.close()
+    listed = api.call("GET", "/api/rollouts", token=api.reader)[1]["rollouts"]
+    assert {r["id"]: (r["shadow"], r["min_agreement"]) for r in listed} == {
+        view["id"]: (False, 0.8),
+        plain["id"]: (None, None),
+    }

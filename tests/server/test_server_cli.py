@@ -122,7 +122,7 @@ def test_migrate_makes_the_newest_schema_on_an_empty_database(db_url: str) -> No
             tables = set(inspect(c).get_table_names())
             assert tables == set(Base.metadata.tables) | {"alembic_version"}
             assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [
-                "0001"
+                "0002"
             ]
     finally:
         engine.dispose()

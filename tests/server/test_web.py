@@ -34,6 +34,7 @@ from fleet.server.db.schema import (
     Device,
     DeviceModel,
     ReplyRecord,
+    Rollout,
     RolloutDevice,
     TelemetryMinute,
 )
@@ -572,6 +573,32 @@ def test_rollouts_are_created_and_steered_from_the_pages(api: ApiServer, tmp_pat
         "rollout.resume",
         "rollout.abort",
     ]
+
+
+def test_the_new_rollout_form_sets_shadow_and_min_agreement(api: ApiServer, tmp_path: Path) -> None:
+    small_fleet(api)
+    store_bundle(api, tmp_path)
+    form = Doc(get(api, "/rollouts/new", api.operator).body.decode())
+    assert form.all("select", name="shadow") and form.all("input", name="min_agreement")
+    bad = new_rollout(api, min_agreement="1.5")
+    assert bad.status == 422
+    assert Doc(bad.body.decode()).one(role="alert").startswith("min_agreement: ")
+    assert new_rollout(api, shadow="maybe").status == 422
+    with api.database.session() as s:
+        assert s.scalars(select(Rollout)).all() == []
+
+    made = new_rollout(api, shadow="off", min_agreement="0.9")
+    assert made.status == 303
+    page = Doc(get(api, made.headers["location"], api.reader).body.decode())
+    assert page.one(data_testid="rollout-checks") == "shadow off, min agreement 0.9"
+    plain = new_rollout(api, target="lab")
+    page = Doc(get(api, plain.headers["location"], api.reader).body.decode())
+    assert page.one(data_testid="rollout-checks") == (
+        "shadow each device's config, min agreement each device's config"
+    )
+    with api.database.session() as s:
+        rows = {r.target: (r.shadow, r.min_agreement) for r in s.scalars(select(Rollout))}
+    assert rows == {"door": (False, 0.9), "lab": (None, None)}
 
 
 def test_models_upload_stores_a_signed_bundle_and_refuses_a_bad_one(

@@ -57,6 +57,16 @@ class RolloutRequest(BaseModel):
     )
     max_failures: Annotated[int, Field(ge=0)] = 0
     approval: bool = Field(default=False, description="Wait for an operator between waves")
+    shadow: bool | None = Field(
+        default=None,
+        description="Sent in each deploy: false swaps without shadow evaluation; "
+        "null: each device's config (models.probation.shadow)",
+    )
+    min_agreement: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = Field(
+        default=None,
+        description="Sent in each deploy: least shadow agreement with the serving version, "
+        "0..1; null: each device's config (models.probation.min_agreement)",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> RolloutRequest:
@@ -133,6 +143,8 @@ def create(ctx: ServerContext, actor: Actor, body: RolloutRequest) -> dict[str, 
                 waves=body.waves,
                 max_failures=body.max_failures,
                 approval=body.approval,
+                shadow=body.shadow,
+                min_agreement=body.min_agreement,
                 actor=actor.name,
                 now=now,
             )

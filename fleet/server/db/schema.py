@@ -202,6 +202,10 @@ class Desired(Base):
     version: Mapped[str] = mapped_column(String(NAME))
     pipeline: Mapped[str | None] = mapped_column(String(NAME))
     rollout_id: Mapped[str | None] = mapped_column(String(ID))
+    # The deploy's model-health checks (DeployCommand.shadow, .min_agreement); null:
+    # each device's own config (models.probation).
+    shadow: Mapped[bool | None] = mapped_column(Boolean)
+    min_agreement: Mapped[float | None] = mapped_column(Float)
     set_at: Mapped[float] = mapped_column(Float)
     set_by: Mapped[str] = mapped_column(String(ID))
 
@@ -213,8 +217,9 @@ class Rollout(Base):
     ``plan``: {"canary": "1" | "10%" | null, "waves": int, "max_failures": int,
     "approval": bool, "wave_count": int (waves as planned, at least one),
     "accepted_failures": int (set when a halted rollout is resumed)}. ``previous``: the
-    desired row it replaced ({"version", "pipeline", "rollout_id"}) or null; abort
-    restores it.
+    desired row it replaced ({"version", "pipeline", "rollout_id", "shadow",
+    "min_agreement"}) or null; abort restores it. ``shadow`` and ``min_agreement`` go
+    into every deploy it sends when set (null: the device's config decides).
     """
 
     __tablename__ = "rollouts"
@@ -224,6 +229,8 @@ class Rollout(Base):
     model: Mapped[str] = mapped_column(String(NAME), index=True)
     version: Mapped[str] = mapped_column(String(NAME))
     pipeline: Mapped[str | None] = mapped_column(String(NAME))
+    shadow: Mapped[bool | None] = mapped_column(Boolean)
+    min_agreement: Mapped[float | None] = mapped_column(Float)
     target_kind: Mapped[str] = mapped_column(String(8))
     target: Mapped[str] = mapped_column(String(ID))
     state: Mapped[str] = mapped_column(String(24))

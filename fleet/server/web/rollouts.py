@@ -22,6 +22,9 @@ from .render import not_found, render
 
 router = APIRouter()
 
+# The new-rollout form's shadow choice -> RolloutRequest.shadow ("": each device's config).
+SHADOW_CHOICES: dict[str, bool | None] = {"": None, "on": True, "off": False}
+
 # Which actions each rollout state allows (as fleet.server.rollouts checks them).
 ALLOWED = {
     "approve": {WAITING_APPROVAL},
@@ -90,6 +93,8 @@ def new_rollout(
     waves: Annotated[str, Form(max_length=8)] = "1",
     max_failures: Annotated[str, Form(max_length=8)] = "0",
     approval: Annotated[str, Form(max_length=8)] = "",
+    shadow: Annotated[str, Form(max_length=8)] = "",
+    min_agreement: Annotated[str, Form(max_length=16)] = "",
 ) -> Response:
     form = {
         "bundle": bundle,
@@ -99,12 +104,16 @@ def new_rollout(
         "waves": waves,
         "max_failures": max_failures,
         "approval": approval,
+        "shadow": shadow,
+        "min_agreement": min_agreement,
     }
     name, sep, version = bundle.partition(":")
     if not sep:
         return _new_form(request, ctx, actor, form, "bundle: choose a stored bundle")
     if target_kind not in ("group", "device"):
         return _new_form(request, ctx, actor, form, "target_kind: group or device")
+    if shadow not in SHADOW_CHOICES:
+        return _new_form(request, ctx, actor, form, "shadow: on, off or the devices' config")
     try:
         body = RolloutRequest(
             model=name,
@@ -113,6 +122,8 @@ def new_rollout(
             waves=waves.strip() or 1,
             max_failures=max_failures.strip() or 0,
             approval=bool(approval),
+            shadow=SHADOW_CHOICES[shadow],
+            min_agreement=min_agreement.strip() or None,
             **{target_kind: target.strip()},
         )
         created = create(ctx, actor, body)
