@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from agent.loops.postprocess import Output
+from agent.loops.postprocess import FrameContext, Output
 from agent.loops.preprocess import Transform
 from agent.models.anchors_boxes import (
     decode_boxes,
@@ -134,7 +134,7 @@ class AnchorsDetector:
         """Boxes [M, 4] (x0, y0, x1, y1) and keypoints [M, K, 2], fractions of the input."""
         return decode_boxes(self.spec, anchors, regs)
 
-    def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
+    def __call__(self, values: Sequence[np.ndarray], frame: FrameContext) -> Output:
         index, scores, classes, regs = self._candidates(values)
         if index.size == 0:
             return Output(detections=[], scores=np.zeros(0, np.float32))
@@ -155,7 +155,7 @@ class AnchorsDetector:
         assert merged_points is not None
         return Output(
             detections=self._detections(
-                scores[lead], classes[lead], merged, merged_points, transform
+                scores[lead], classes[lead], merged, merged_points, frame.transform
             ),
             scores=counted.astype(np.float32),
         )
