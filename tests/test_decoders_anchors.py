@@ -13,15 +13,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from agent.loops.decoders.anchors import (
-    AnchorsDetector,
-    anchor_count,
-    generate_anchors,
-    weighted_nms,
-)
+from agent.loops.decoders.anchors import AnchorsDetector
 from agent.loops.postprocess import FrameContext
 from agent.loops.preprocess import Transform
-from agent.models.anchors_grid import anchor_outputs, group_counts
+from agent.models.anchors_boxes import weighted_nms
+from agent.models.anchors_grid import anchor_count, anchor_outputs, generate_anchors, group_counts
 from agent.models.decoder_spec import AnchorsDecoder
 from agent.models.manifest import Manifest
 from agent.models.output_fit import OutputMismatch, check_outputs
