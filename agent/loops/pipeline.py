@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -40,9 +39,14 @@ from agent.loops.drift import DriftMonitor
 from agent.loops.frames import Frame, FrameQueue, LatestFrameSlot
 from agent.loops.postprocess import FrameContext, Output, PublishPolicy
 from agent.loops.preprocess import ImagePreprocessor, limit_opencv_threads
-from agent.loops.processing import Processing, build_processing, preprocess_frame
+from agent.loops.processing import (
+    PrepareAhead,
+    Prepared,
+    Processing,
+    build_processing,
+    preprocess_frame,
+)
 from agent.loops.sources import CaptureThread, Source, create_source
-from agent.loops.sources.base import FrameSink
 from agent.loops.stats import LatencyWindow, RateMeter
 from agent.loops.stream_state import StreamState
 from agent.loops.worker import InferenceResult, InferenceWorker, ServedModel
@@ -76,42 +80,6 @@ class _ResultContext:
     source: Frame | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    """A frame pre-processed on the capture thread, and by which processing; ``raw``
-    is the frame as the source gave it, in case the worker must do it again."""
-
-    raw: Any
-    processing: Processing
-    tensor: np.ndarray
-    frame: FrameContext
-    ms: float
-
-
-class _PrepareAhead:
-    """The capture thread's sink: pre-processes each frame with the processing the
-    worker last built, then hands it to the slot or queue. A frame that fails here is
-    passed on as it is; the worker tries again and counts the error."""
-
-    def __init__(self, pipeline: Pipeline, frames: FrameSink) -> None:
-        self._pipeline = pipeline
-        self._frames = frames
-
-    def put(self, frame: Frame, stop: threading.Event | None = None) -> bool:
-        proc = self._pipeline._processing
-        if proc is not None:
-            start = time.perf_counter()
-            try:
-                tensor, context = preprocess_frame(proc, frame)
-            except Exception:  # reported by the worker, which tries again
-                pass
-            else:
-                ms = (time.perf_counter() - start) * 1000
-                prepared = _Prepared(frame.data, proc, tensor, context, ms)
-                frame = Frame(frame.seq, frame.ts, prepared, frame.meta)
-        return self._frames.put(frame, stop)
-
-
 class Pipeline:
     def __init__(
         self,
@@ -136,7 +104,7 @@ class Pipeline:
         self.frames: LatestFrameSlot | FrameQueue = (
             LatestFrameSlot() if live else FrameQueue(QUEUE_FRAMES)
         )
-        self.capture = CaptureThread(config.name, self.source, _PrepareAhead(self, self.frames))
+        self.capture = CaptureThread(config.name, self.source, self._prepare_ahead())
         self.worker = InferenceWorker(
             config.name,
             config.model,
@@ -240,7 +208,7 @@ class Pipeline:
         with self._capture_lock:
             old = self._capture_after or self.capture
             old.stop()
-            self.capture = CaptureThread(self.name, self.source, _PrepareAhead(self, self.frames))
+            self.capture = CaptureThread(self.name, self.source, self._prepare_ahead())
             if old.alive:
                 # Stuck in a driver read: a second thread must not read the same source.
                 # ``poll`` starts the new one when the old read returns and its thread ends.
@@ -307,6 +275,10 @@ class Pipeline:
 
     # --------------------------------------------------------------- worker hooks
 
+    def _prepare_ahead(self) -> PrepareAhead:
+        """A capture thread's sink: pre-processes with the processing the worker last built."""
+        return PrepareAhead(lambda: self._processing, self.frames)
+
     def _processing_for(self, model: ServedModel) -> Processing:
         proc = self._processing
         if proc is not None and proc.version == model.version:
@@ -348,7 +320,7 @@ class Pipeline:
             stream.feed()
         data = frame.data
         keep_source = self.captures is not None or self.shadow_tap is not None
-        if isinstance(data, _Prepared):
+        if isinstance(data, Prepared):
             if data.processing is proc:
                 model.loaded.interpreter.set_tensor(proc.input_index, data.tensor)
                 source = Frame(frame.seq, frame.ts, data.raw, frame.meta) if keep_source else None

@@ -3,13 +3,18 @@ interpreter's own tensor details and the pipeline's settings.
 
 The pipeline builds one per version it serves (a hot-swap brings its own), and so does
 a shadow evaluation for its candidate. ``preprocess_frame`` is the one place a frame
-becomes an input tensor and the ``FrameContext`` its post-processor will be given.
+becomes an input tensor and the ``FrameContext`` its post-processor will be given;
+``PrepareAhead`` does it on the capture thread, with whatever processing the worker
+last built, so that the worker's own per-frame work is little more than the invoke.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +27,7 @@ from agent.loops.postprocess import Classifier, FrameContext, Postprocessor, Raw
 from agent.loops.preprocess import ImagePreprocessor, Transform, make_preprocessor
 from agent.loops.segment import Segmenter
 from agent.loops.sources.audio import AUDIO_TIME
+from agent.loops.sources.base import FrameSink
 from agent.loops.sources.jpeg import SOURCE_SIZE
 from agent.models.health import Reference
 from agent.models.manifest import Manifest, StateLink
@@ -84,3 +90,40 @@ def build_processing(
         tuple(o.index for o in outputs),
         manifest.state,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A frame pre-processed on the capture thread, and by which processing; ``raw``
+    is the frame as the source gave it, in case the worker must do it again."""
+
+    raw: Any
+    processing: Processing
+    tensor: np.ndarray
+    frame: FrameContext
+    ms: float
+
+
+class PrepareAhead:
+    """The capture thread's sink: pre-processes each frame with ``current()``, the
+    processing the worker last built (None before any), then hands it to the slot or
+    queue as a ``Prepared``. A frame that fails here is passed on as it is; the worker
+    tries again and counts the error."""
+
+    def __init__(self, current: Callable[[], Processing | None], frames: FrameSink) -> None:
+        self._current = current
+        self._frames = frames
+
+    def put(self, frame: Frame, stop: threading.Event | None = None) -> bool:
+        proc = self._current()
+        if proc is not None:
+            start = time.perf_counter()
+            try:
+                tensor, context = preprocess_frame(proc, frame)
+            except Exception:  # reported by the worker, which tries again
+                pass
+            else:
+                ms = (time.perf_counter() - start) * 1000
+                prepared = Prepared(frame.data, proc, tensor, context, ms)
+                frame = Frame(frame.seq, frame.ts, prepared, frame.meta)
+        return self._frames.put(frame, stop)
