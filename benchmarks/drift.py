@@ -49,7 +49,7 @@ import numpy as np
 from agent.config import DriftConfig, PipelineConfig
 from agent.loops.drift import DriftMonitor
 from agent.loops.pipeline import Pipeline
-from agent.loops.postprocess import Classifier
+from agent.loops.postprocess import Classifier, FrameContext
 from agent.loops.preprocess import make_preprocessor
 from agent.loops.sources.synthetic import digit_samples
 from agent.loops.worker import InferenceResult
@@ -144,7 +144,7 @@ def run_stream(
             codes = digits.codes(image)
             if len(cache) < 10_000:
                 cache[key] = codes
-        monitor.add("1", reference, digits.post([codes], None))
+        monitor.add("1", reference, digits.post([codes], FrameContext()))
         if (n + 1) % CHECK_EVERY == 0:
             figures = monitor.evaluate("1")
             if figures is not None and figures.distance is not None:
@@ -282,7 +282,7 @@ def results_cost(recorded: list[InferenceResult], turns: int) -> dict[str, Any]:
         return elapsed / (PASSES * len(outputs)) * 1e6
 
     outputs = [
-        (r, r.context.processing.reference, r.context.processing.post(r.outputs, None))
+        (r, r.context.processing.reference, r.context.processing.post(r.outputs, r.context.frame))
         for r in recorded
     ]
     off: list[float] = []
@@ -304,7 +304,7 @@ def results_cost(recorded: list[InferenceResult], turns: int) -> dict[str, Any]:
 def evaluate_cost(digits: Digits, reference: Reference, frames: np.ndarray, turns: int) -> float:
     monitor = DriftMonitor("bench", DriftConfig())
     for image in frames[:500]:
-        monitor.add("1", reference, digits.post([digits.codes(image)], None))
+        monitor.add("1", reference, digits.post([digits.codes(image)], FrameContext()))
     times = []
     for _ in range(turns):
         start = time.perf_counter()

@@ -58,7 +58,7 @@ from agent.config import AgentConfig, parse_config
 from agent.link.client import MqttLink
 from agent.link.outbox import Outbox
 from agent.loops.pipeline import Pipeline
-from agent.loops.postprocess import Classifier
+from agent.loops.postprocess import Classifier, FrameContext
 from agent.loops.preprocess import make_preprocessor
 from agent.models import runtime as rt
 from agent.models.manifest import Manifest, read_bundle
@@ -258,11 +258,12 @@ def naive_fps(
                 continue
             ts = time.time()
             tensor, transform = pre(frame)
+            context = FrameContext(n, ts, transform)
             it.set_tensor(inp, tensor)
             t0 = time.perf_counter()
             it.invoke()
             invoke_ms = (time.perf_counter() - t0) * 1000
-            output = post([it.get_tensor(o.index) for o in model.outputs], transform)
+            output = post([it.get_tensor(o.index) for o in model.outputs], context)
             n += 1
             outbox.enqueue_result(
                 p.Result(

@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 
 from agent.config import PipelineConfig
-from agent.loops.pipeline import build_processing
-from agent.loops.postprocess import Output
+from agent.loops.postprocess import FrameContext, Output
+from agent.loops.processing import build_processing
 from agent.models import runtime as rt
 from agent.models.manifest import Manifest, read_bundle
 from agent.protocol import Result
@@ -307,12 +307,12 @@ class Bench:
         )  # fmt: skip
         processing = build_processing("1", manifest, loaded, config)
         self.post = processing.post
-        self.transform = processing.pre(np.zeros((480, 640, 3), np.uint8))[1]
+        self.frame = FrameContext(transform=processing.pre(np.zeros((480, 640, 3), np.uint8))[1])
         self.values = [codes for _, codes in scenes]
         t = self.model.inputs[0]
         self.tensor = np.zeros(t.shape, np.dtype(t.dtype))
         self.outputs = self.model.outputs
-        self.sizes = [_result_bytes(self.post(v, self.transform)) for v in self.values]
+        self.sizes = [_result_bytes(self.post(v, self.frame)) for v in self.values]
         self.invoke_ms: list[float] = []
         self.post_ms: list[float] = []
         self._next = 0
@@ -331,7 +331,7 @@ class Bench:
             v = self.values[self._next % len(self.values)]
             self._next += 1
             start = time.perf_counter()
-            self.post(v, self.transform)
+            self.post(v, self.frame)
             times.append((time.perf_counter() - start) * 1000)
         self.post_ms.append(statistics.median(times))
 

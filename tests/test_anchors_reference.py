@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agent.loops.decoders.anchors import AnchorsDetector
-from agent.loops.postprocess import summarise
+from agent.loops.postprocess import FrameContext, summarise
 from agent.models.anchors_boxes import anchors_candidate_scores
 from agent.models.anchors_grid import anchor_outputs, generate_anchors
 from agent.models.decoder_spec import AnchorsDecoder
@@ -48,7 +48,7 @@ def test_the_reference_counts_what_the_detector_counts() -> None:
     anchors = generate_anchors(SPEC, 128, 128).astype(np.float64)
     live = []
     for codes in frames:
-        counted = detector(codes, None).scores
+        counted = detector(codes, FrameContext()).scores
         assert counted is not None
         real = [REGS.dequantize(codes[0])[0], SCORES.dequantize(codes[1])[0]]
         scores, classes = anchors_candidate_scores(SPEC, pairs, anchors, real)
@@ -67,7 +67,7 @@ def test_the_reference_counts_what_the_detector_counts() -> None:
     # The device on the same frames: no drift.
     window = OutputWindow(ref, size=100, min_frames=10)
     for codes in frames:
-        summarise(window, detector(codes, None))
+        summarise(window, detector(codes, FrameContext()))
     figures = window.figures()
     assert figures.distance is not None and figures.distance < 0.01
 

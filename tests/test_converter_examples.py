@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from agent.loops.decoders.ssd import SsdDetector as Detector
+from agent.loops.postprocess import FrameContext
 from agent.models.health import box_f1
 from agent.models.manifest import read_bundle
 from agent.models.runtime import load_model
@@ -148,7 +149,7 @@ def test_shapes_detector_is_full_int8_and_finds_its_squares(
                         d.box[2] / size[0],
                     ),
                 )
-                for d in detector(values, None).detections
+                for d in detector(values, FrameContext()).detections
             ]
             truth = [
                 (str(k), tuple(b))

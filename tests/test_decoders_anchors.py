@@ -13,14 +13,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from agent.loops.decoders.anchors import (
-    AnchorsDetector,
-    anchor_count,
-    generate_anchors,
-    weighted_nms,
-)
+from agent.loops.decoders.anchors import AnchorsDetector
+from agent.loops.postprocess import FrameContext
 from agent.loops.preprocess import Transform
-from agent.models.anchors_grid import anchor_outputs, group_counts
+from agent.models.anchors_boxes import weighted_nms
+from agent.models.anchors_grid import anchor_count, anchor_outputs, generate_anchors, group_counts
 from agent.models.decoder_spec import AnchorsDecoder
 from agent.models.manifest import Manifest
 from agent.models.output_fit import OutputMismatch, check_outputs
@@ -97,7 +94,7 @@ def test_a_firing_anchor_decodes_to_hand_computed_box_and_keypoints() -> None:
     scores[0, FACE, 0] = 2.0
     scores[0, 3, 0] = -1.0  # 0.27: under min_score 0.5, never decoded
     detector = AnchorsDetector(BLAZE, FLOAT_OUTPUTS, ["face"], (128, 128), threshold=0.0)
-    out = detector([regs, scores], None)
+    out = detector([regs, scores], FrameContext())
     assert out.detections is not None and len(out.detections) == 1
     (face,) = out.detections
     assert (face.index, face.label) == (0, "face")
@@ -112,7 +109,7 @@ def test_a_firing_anchor_decodes_to_hand_computed_box_and_keypoints() -> None:
 
     # Letterboxed from a 256 x 128 source: scale 0.5, 32 rows of padding above.
     letterbox = Transform(0.5, 0.5, 0, 32, 256, 128)
-    (placed,) = detector([regs, scores], letterbox).detections or []
+    (placed,) = detector([regs, scores], FrameContext(transform=letterbox)).detections or []
     assert placed.box == (152.0, 60.0, 232.0, 100.0)
     assert placed.keypoints is not None
     assert (placed.keypoints[0].x, placed.keypoints[0].y) == (188.0, 90.0)
@@ -124,16 +121,16 @@ def test_scores_are_clipped_logits_and_the_pipeline_threshold_drops_more() -> No
     scores[0, 0, 0] = 1000.0  # clipped at score_clip (100): 1.0, not an overflow
     scores[0, 500, 0] = 0.5  # 0.62
     low = AnchorsDetector(BLAZE, FLOAT_OUTPUTS, None, (128, 128), threshold=0.0)
-    out = low([regs, scores], None)
+    out = low([regs, scores], FrameContext())
     assert [d.score for d in out.detections or []] == [1.0, round(sigmoid(0.5), 5)]
     assert all(d.label is None for d in out.detections or [])
     high = AnchorsDetector(BLAZE, FLOAT_OUTPUTS, None, (128, 128), threshold=0.7)
-    out = high([regs, scores], None)
+    out = high([regs, scores], FrameContext())
     assert [d.score for d in out.detections or []] == [1.0]
     # Drift and shadow see the same boxes whatever the pipeline's threshold.
     assert out.scores is not None and len(out.scores) == 2
     regs, scores = blank()
-    assert low([regs, scores], None).detections == []
+    assert low([regs, scores], FrameContext()).detections == []
 
 
 def test_weighted_nms_averages_overlapping_boxes_by_score() -> None:
@@ -162,7 +159,9 @@ def test_two_anchors_on_one_face_merge_into_one_detection() -> None:
     regs[0, FACE + 1, :4] = [0, 0, 40, 20]  # same cell: IoU 0.67
     regs[0, FACE + 1, 4:6] = [8, 8]
     scores[0, FACE, 0], scores[0, FACE + 1, 0] = 4.0, 2.0
-    out = AnchorsDetector(BLAZE, FLOAT_OUTPUTS, ["face"], (128, 128))([regs, scores], None)
+    out = AnchorsDetector(BLAZE, FLOAT_OUTPUTS, ["face"], (128, 128))(
+        [regs, scores], FrameContext()
+    )
     (face,) = out.detections or []
     a, b = sigmoid(4.0), sigmoid(2.0)
     x = (a * 96 + b * 104) / (a + b)
@@ -187,8 +186,8 @@ def test_int8_codes_decode_as_their_dequantised_floats() -> None:
     for threshold in (0.0, 0.6, 0.9):
         q = AnchorsDetector(BLAZE, [q_regs, q_scores], ["face"], (128, 128), threshold)
         f = AnchorsDetector(BLAZE, FLOAT_OUTPUTS, ["face"], (128, 128), threshold)
-        transform = Transform(0.25, 0.25, 0, 16, 512, 384)
-        q_out, f_out = q(codes, transform), f(dequantised, transform)
+        frame = FrameContext(transform=Transform(0.25, 0.25, 0, 16, 512, 384))
+        q_out, f_out = q(codes, frame), f(dequantised, frame)
         assert q_out.detections and q_out.detections == f_out.detections
         assert q_out.scores is not None and f_out.scores is not None
         assert np.array_equal(q_out.scores, f_out.scores)
@@ -198,7 +197,8 @@ def test_int8_codes_decode_as_their_dequantised_floats() -> None:
     edge[0, 9, 0] = -20  # 0.0 -> 0.5 exactly: counts
     edge[0, 11, 0] = -21  # -0.07 -> 0.4825: does not
     q = AnchorsDetector(BLAZE, [q_regs, q_scores], None, (128, 128))
-    assert q([codes[0], edge], None).scores.tolist() == pytest.approx([0.94268, 0.5], abs=1e-5)  # type: ignore[union-attr]
+    scores = q([codes[0], edge], FrameContext()).scores
+    assert scores is not None and scores.tolist() == pytest.approx([0.94268, 0.5], abs=1e-5)
 
 
 def test_outputs_split_by_stride_decode_as_one_pair() -> None:
@@ -215,8 +215,8 @@ def test_outputs_split_by_stride_decode_as_one_pair() -> None:
         (1, 2, 0, 512), (3, 0, 512, 384)
     ]  # fmt: skip
     values = [scores[:, 512:], regs[:, :512], scores[:, :512], regs[:, 512:]]
-    whole = AnchorsDetector(BLAZE, FLOAT_OUTPUTS, None, (128, 128))([regs, scores], None)
-    parts = AnchorsDetector(BLAZE, split, None, (128, 128))(values, None)
+    whole = AnchorsDetector(BLAZE, FLOAT_OUTPUTS, None, (128, 128))([regs, scores], FrameContext())
+    parts = AnchorsDetector(BLAZE, split, None, (128, 128))(values, FrameContext())
     assert parts.detections == whole.detections and len(whole.detections or []) == 2
 
 
@@ -227,7 +227,7 @@ def test_multi_class_scores_take_each_anchors_best_class() -> None:
     scores[0, FACE] = [0.0, 3.0, 1.0]
     outputs = [FLOAT_OUTPUTS[0], floats((1, 896, 3), "scores", 1)]
     labels = ["cat", "dog", "bird"]
-    out = AnchorsDetector(BLAZE, outputs, labels, (128, 128))([regs, scores], None)
+    out = AnchorsDetector(BLAZE, outputs, labels, (128, 128))([regs, scores], FrameContext())
     (d,) = out.detections or []
     assert (d.index, d.label, d.score) == (1, "dog", round(sigmoid(3.0), 5))
 

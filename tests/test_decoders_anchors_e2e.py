@@ -29,6 +29,7 @@ import yaml
 
 from agent.live import LiveConfig
 from agent.loops.decoders.anchors import AnchorsDetector
+from agent.loops.postprocess import FrameContext
 from agent.loops.preprocess import make_preprocessor
 from agent.models import runtime as rt
 from agent.models.decoder_spec import AnchorsDecoder
@@ -168,7 +169,7 @@ def test_the_int8_bundle_decodes_on_each_runtime(bundles: Bundles, runtime: str)
     model.interpreter.set_tensor(model.inputs[0].index, tensor)
     model.interpreter.invoke()
     values = [model.interpreter.get_tensor(t.index) for t in model.outputs]
-    out = detector(values, transform)
+    out = detector(values, FrameContext(transform=transform))
     check_face(out.detections or [], SOURCE / 128)
     assert out.scores is not None and len(out.scores) == 1
 

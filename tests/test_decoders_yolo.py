@@ -16,6 +16,7 @@ import yaml
 
 from agent.loops.decoders import SsdDetector, YoloDetector, make_detector
 from agent.loops.decoders.nms import iou_one_to_many, nms
+from agent.loops.postprocess import FrameContext
 from agent.loops.preprocess import Transform, make_preprocessor
 from agent.models import runtime as rt
 from agent.models.decoder_spec import YoloDecoder
@@ -91,7 +92,7 @@ def assert_expected(found: list[Any], expected: list[Any], tol: float = 0.5) -> 
 def test_float_heads_decode_to_the_hand_computed_boxes(kind: str) -> None:
     x = head(kind)
     det = YoloDetector(YoloDecoder(type=kind), [info(x.shape)], LABELS, (SIZE, SIZE), 0.5)
-    out = det([x], None)
+    out = det([x], FrameContext())
     assert_expected(boxes_of(out), EXPECTED, tol=0.01)
     assert [d.label for d in sorted(out.detections, key=lambda d: d.index)] == LABELS
     # Drift sees every candidate from the floor (0.25) up, before suppression.
@@ -103,23 +104,23 @@ def test_float_heads_decode_to_the_hand_computed_boxes(kind: str) -> None:
 def test_pixel_boxes_are_recognised_and_normalized_can_be_forced(kind: str) -> None:
     x = head(kind, scale=SIZE)
     det = YoloDetector(YoloDecoder(type=kind), [info(x.shape)], None, (SIZE, SIZE), 0.5)
-    assert_expected(boxes_of(det([x], None)), EXPECTED, tol=0.01)
+    assert_expected(boxes_of(det([x], FrameContext())), EXPECTED, tol=0.01)
     forced = YoloDetector(
         YoloDecoder(type=kind, normalized=False), [info(x.shape)], None, (SIZE, SIZE), 0.5
     )
-    assert_expected(boxes_of(forced([x], None)), EXPECTED, tol=0.01)
-    tiny = forced([head(kind)], None)  # fractions read as pixels: sub-pixel boxes
+    assert_expected(boxes_of(forced([x], FrameContext())), EXPECTED, tol=0.01)
+    tiny = forced([head(kind)], FrameContext())  # fractions read as pixels: sub-pixel boxes
     assert max(d.box[2] for d in tiny.detections) < 1.0
 
 
 def test_class_agnostic_nms_suppresses_across_classes() -> None:
     x = head("yolov8")
     spec = YoloDecoder(type="yolov8", class_agnostic=True)
-    out = YoloDetector(spec, [info(x.shape)], None, (SIZE, SIZE), 0.5)([x], None)
+    out = YoloDetector(spec, [info(x.shape)], None, (SIZE, SIZE), 0.5)([x], FrameContext())
     assert_expected(boxes_of(out), [EXPECTED[0], EXPECTED[2]], tol=0.01)
     capped = YoloDetector(
         YoloDecoder(type="yolov8", max_detections=1), [info(x.shape)], None, (SIZE, SIZE), 0.5
-    )([x], None)
+    )([x], FrameContext())
     assert boxes_of(capped) == boxes_of(out)[:1]
 
 
@@ -127,10 +128,10 @@ def test_threshold_decides_what_is_a_detection() -> None:
     x = head("yolov8")
     for threshold, count in ((0.95, 0), (0.65, 2), (0.5, 3), (0.25, 4)):
         det = YoloDetector(YoloDecoder(type="yolov8"), [info(x.shape)], None, (32, 32), threshold)
-        assert len(det([x], None).detections or []) == count, threshold
+        assert len(det([x], FrameContext()).detections or []) == count, threshold
     # The pipeline's default threshold 0 means the drift floor: not every candidate.
     default = YoloDetector(YoloDecoder(type="yolov8"), [info(x.shape)], None, (32, 32), 0.0)
-    assert len(default([x], None).detections or []) == 4
+    assert len(default([x], FrameContext()).detections or []) == 4
 
 
 @pytest.mark.parametrize("kind", ["yolov5", "yolov8"])
@@ -141,7 +142,7 @@ def test_int8_codes_path_equals_the_float_path(kind: str) -> None:
     q = info(x.shape, "int8", scale, zp)
     quantised = YoloDetector(YoloDecoder(type=kind), [q], LABELS, (SIZE, SIZE), 0.5)
     floats = YoloDetector(YoloDecoder(type=kind), [info(x.shape)], LABELS, (SIZE, SIZE), 0.5)
-    a, b = quantised([codes], None), floats([q.dequantize(codes)], None)
+    a, b = quantised([codes], FrameContext()), floats([q.dequantize(codes)], FrameContext())
     assert a.detections == b.detections
     assert a.scores is not None and b.scores is not None
     assert np.allclose(np.sort(a.scores), np.sort(b.scores))
@@ -154,7 +155,7 @@ def test_letterbox_is_undone_into_source_pixels() -> None:
     transform = Transform(0.5, 0.5, 0.0, 8.0, 64, 32)
     x = head("yolov8")
     out = YoloDetector(YoloDecoder(type="yolov8"), [info(x.shape)], None, (SIZE, SIZE), 0.5)(
-        [x], transform
+        [x], FrameContext(transform=transform)
     )
     want = [
         (k, s, ((b[0] - 0) / 0.5, (b[1] - 8) / 0.5, (b[2] - 0) / 0.5, (b[3] - 8) / 0.5))
@@ -333,7 +334,7 @@ def test_converted_int8_heads_decode_on_both_runtimes(
     raw = model.interpreter.get_tensor(model.outputs[0].index)
     assert raw.dtype == np.int8
     det = make_detector(manifest, model.outputs, manifest.labels, (SIZE, SIZE), 0.5)
-    out = det([raw], transform)
+    out = det([raw], FrameContext(transform=transform))
     # Stretched from 64x48 into 32x32: x doubles, y times 1.5.
     want = [(k, s, (b[0] * 2, b[1] * 1.5, b[2] * 2, b[3] * 1.5)) for k, s, b in EXPECTED]
     assert_expected(boxes_of(out), want, tol=1.0)

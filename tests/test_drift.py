@@ -10,7 +10,7 @@ import pytest
 from agent.config import DriftConfig, PipelineConfig
 from agent.loops.decoders.ssd import SsdDetector as Detector
 from agent.loops.drift import CLEAR_RATIO, DriftMonitor
-from agent.loops.postprocess import Classifier, Output, RawOutputs
+from agent.loops.postprocess import Classifier, FrameContext, Output, RawOutputs
 from agent.models.health import (
     QUANTILES,
     OutputWindow,
@@ -216,13 +216,13 @@ def tensor(
 def test_postprocessors_hand_on_their_summaries_before_the_threshold() -> None:
     # Logits: top-1 is class 1 at softmax probability ~0.84, under the threshold 0.9.
     clf = Classifier([tensor((1, 3))], None, top_k=2, threshold=0.9)
-    result = clf([np.array([[0.0, 2.0, 0.0]], np.float32)], None)
+    result = clf([np.array([[0.0, 2.0, 0.0]], np.float32)], FrameContext())
     assert result.classes == []
     assert result.top1 is not None and result.top1[0] == 1
     assert result.top1[1] == pytest.approx(np.exp(2) / (np.exp(2) + 2), abs=1e-5)
     # Quantised probabilities (codes read as they are).
     probs = Classifier([tensor((1, 3), "uint8", 1 / 256)], None, top_k=1, threshold=0.9)
-    assert probs([np.array([[26, 204, 26]], np.uint8)], None).top1 == (
+    assert probs([np.array([[26, 204, 26]], np.uint8)], FrameContext()).top1 == (
         1,
         pytest.approx(0.797, abs=1e-3),
     )
@@ -236,11 +236,13 @@ def test_postprocessors_hand_on_their_summaries_before_the_threshold() -> None:
     det = Detector(outs, None, input_size=(10, 10), threshold=0.95)
     values = [np.zeros((1, 3, 4), np.float32), np.zeros((1, 3), np.float32),
               np.array([[0.9, 0.3, 0.7]], np.float32), np.array([2], np.float32)]  # fmt: skip
-    result = det(values, None)
+    result = det(values, FrameContext())
     assert result.detections == [] and result.scores is not None
     assert result.scores.tolist() == pytest.approx([0.9, 0.3])  # the third is past the count
 
-    raw = RawOutputs([tensor((1, 2), "int8", 0.25, 2)])([np.array([[2, 6]], np.int8)], None)
+    raw = RawOutputs([tensor((1, 2), "int8", 0.25, 2)])(
+        [np.array([[2, 6]], np.int8)], FrameContext()
+    )
     assert raw.tensors is not None and raw.tensors[0].tolist() == [[0.0, 1.0]]
 
 

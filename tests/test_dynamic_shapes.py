@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from agent.config import PipelineConfig
-from agent.loops.pipeline import build_processing
+from agent.loops.postprocess import FrameContext
+from agent.loops.processing import build_processing
 from agent.models.manifest import input_shapes_beside, read_bundle
 from agent.models.runtime import ModelLoadError, load_model
 from agent.models.validate import Validator
@@ -144,7 +145,7 @@ def test_agent_validates_and_serves_it_at_the_manifest_shape(bundle: Path, runti
     loaded.interpreter.invoke()
     values = [loaded.interpreter.get_tensor(o.index) for o in loaded.outputs]
     # The converter's output order is its own: the map is the 4-D one.
-    raw = proc.post(values, transform).raw or []
+    raw = proc.post(values, FrameContext(transform=transform)).raw or []
     m = next(i for i, v in enumerate(values) if v.ndim == 4)
     mapped, pooled = raw[m], raw[1 - m]
     assert mapped.shape == [1, 16, 16, 2] and mapped.values is None

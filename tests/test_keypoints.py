@@ -17,9 +17,9 @@ import pytest
 
 from agent.config import PipelineConfig
 from agent.loops.keypoints import COCO_KEYPOINTS, KeypointsDecoder, pose_agreement
-from agent.loops.pipeline import build_processing
-from agent.loops.postprocess import Output, PublishPolicy, summarise
+from agent.loops.postprocess import FrameContext, Output, PublishPolicy, summarise
 from agent.loops.preprocess import Transform
+from agent.loops.processing import build_processing
 from agent.loops.shadow import agreement
 from agent.models import runtime as rt
 from agent.models.health import OutputWindow
@@ -57,7 +57,9 @@ def expected_points(score: float = 0.8) -> list[tuple[float, float]]:
 
 
 def test_points_are_named_and_put_back_on_the_source() -> None:
-    out = KeypointsDecoder([FLOAT], None, (16, 16))([pose(np.linspace(0.5, 0.9, K))], LETTERBOX)
+    out = KeypointsDecoder([FLOAT], None, (16, 16))(
+        [pose(np.linspace(0.5, 0.9, K))], FrameContext(transform=LETTERBOX)
+    )
     assert out.keypoints is not None and len(out.keypoints) == K
     assert [p.name for p in out.keypoints] == list(COCO_KEYPOINTS)
     for point, (x, y) in zip(out.keypoints, expected_points(), strict=True):
@@ -71,10 +73,10 @@ def test_points_are_named_and_put_back_on_the_source() -> None:
 
 def test_names_come_from_labels_else_coco_for_17_else_none() -> None:
     labels = [f"p{i}" for i in range(K)]
-    named = KeypointsDecoder([FLOAT], labels, (16, 16))([pose()], None)
+    named = KeypointsDecoder([FLOAT], labels, (16, 16))([pose()], FrameContext())
     assert [p.name for p in named.keypoints or []] == labels
     five = TensorInfo("pose", 0, (1, 1, 5, 3), "float32", 0.0, 0)
-    unnamed = KeypointsDecoder([five], None, (16, 16))([pose(k=5)], None)
+    unnamed = KeypointsDecoder([five], None, (16, 16))([pose(k=5)], FrameContext())
     assert [p.name for p in unnamed.keypoints or []] == [None] * 5
     # Without a transform the points are in input pixels.
     assert (unnamed.keypoints or [])[2].x == pytest.approx(POSE_POINTS[2, 1] * 16, abs=0.05)
@@ -84,12 +86,12 @@ def test_weak_points_are_kept_and_the_threshold_applies_to_the_pose() -> None:
     scores = np.full(K, 0.9, np.float32)
     scores[:4] = 0.05
     decoder = KeypointsDecoder([FLOAT], None, (16, 16), threshold=0.5)
-    out = decoder([pose(scores)], None)
+    out = decoder([pose(scores)], FrameContext())
     assert out.keypoints is not None and len(out.keypoints) == K
     assert out.keypoints[0].score == 0.05
     mean = float(scores.mean())
     assert out.top == (0, pytest.approx(mean, abs=1e-4))
-    nobody = decoder([pose(0.2)], None)
+    nobody = decoder([pose(0.2)], FrameContext())
     assert nobody.keypoints == [] and nobody.top is None
     assert nobody.scores is not None and nobody.scores.size == K
 
@@ -97,7 +99,7 @@ def test_weak_points_are_kept_and_the_threshold_applies_to_the_pose() -> None:
 def test_int8_outputs_are_dequantised() -> None:
     int8 = TensorInfo("pose", 0, (1, 1, K, 3), "int8", 1 / 255, -128)
     codes = np.round(pose(0.6) * 255 - 128).astype(np.int8)
-    out = KeypointsDecoder([int8], None, (16, 16))([codes], LETTERBOX)
+    out = KeypointsDecoder([int8], None, (16, 16))([codes], FrameContext(transform=LETTERBOX))
     for point, (x, y) in zip(out.keypoints or [], expected_points(), strict=True):
         assert point.x == pytest.approx(x, abs=0.2) and point.y == pytest.approx(y, abs=0.2)
         assert point.score == pytest.approx(0.6, abs=0.003)
@@ -114,7 +116,9 @@ def test_a_wrong_output_shape_is_named() -> None:
 def test_change_policy_publishes_when_the_mean_score_moves() -> None:
     decoder = KeypointsDecoder([FLOAT], None, (16, 16))
     policy = PublishPolicy("change", score_delta=0.1)
-    sent = [policy.should_publish(decoder([pose(s)], None)) for s in (0.5, 0.55, 0.7, 0.72)]
+    sent = [
+        policy.should_publish(decoder([pose(s)], FrameContext())) for s in (0.5, 0.55, 0.7, 0.72)
+    ]
     assert sent == [True, False, True, False]
 
 
@@ -155,7 +159,7 @@ def test_the_converter_checks_the_outputs_and_records_a_reference(bundle: Path) 
     reference = manifest.reference
     assert reference is not None and reference.detect is not None and reference.samples == 40
     window = OutputWindow(reference, size=10, min_frames=1)
-    summarise(window, KeypointsDecoder([FLOAT], None, (16, 16))([pose(0.5)], None))
+    summarise(window, KeypointsDecoder([FLOAT], None, (16, 16))([pose(0.5)], FrameContext()))
     assert window.figures().distance is not None
     check_outputs(manifest)
     with pytest.raises(OutputMismatch, match="has 17 points but the manifest names 3"):
@@ -181,7 +185,10 @@ def test_the_int8_pose_model_on_each_runtime(bundle: Path, runtime: str) -> None
     tensor, transform = proc.pre(frame)
     loaded.interpreter.set_tensor(proc.input_index, tensor)
     loaded.interpreter.invoke()
-    out = proc.post([loaded.interpreter.get_tensor(o.index) for o in loaded.outputs], transform)
+    out = proc.post(
+        [loaded.interpreter.get_tensor(o.index) for o in loaded.outputs],
+        FrameContext(transform=transform),
+    )
     assert out.keypoints is not None and [p.name for p in out.keypoints] == list(COCO_KEYPOINTS)
     for point, (x, y) in zip(out.keypoints, expected_points(), strict=True):
         # int8 steps of 1/255 of the input: 0.06 input pixels, 0.25 source pixels.

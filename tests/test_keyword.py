@@ -23,6 +23,7 @@ from agent.config import KeywordConfig, MicrophoneSource, WavSource
 from agent.loops.audio_features import LogMel, mel_to_hz
 from agent.loops.frames import FrameQueue
 from agent.loops.keyword import DEFAULT_THRESHOLD, KeywordSpotter
+from agent.loops.postprocess import FrameContext
 from agent.loops.preprocess import AudioPreprocessor, PreprocessError, make_preprocessor
 from agent.loops.sources import CaptureThread, EndOfStream, SourceError, create_source
 from agent.loops.sources.audio import AUDIO_TIME
@@ -258,7 +259,7 @@ def test_keywords_fire_once_above_threshold_and_not_again_within_the_refractory_
         (1.90, (0.1, 0.0, 0.8, 0.1)),  # up again 1.15 s after it fired but 0.9 s after seen
         (3.00, (0.1, 0.0, 0.8, 0.1)),  # up, 1.1 s after last seen: fires
     ]:
-        out = spot(_probs(*p), None, at)
+        out = spot(_probs(*p), FrameContext(audio_s=at))
         assert out.top1 is not None and out.top1[0] == int(np.argmax(p))
         if out.classes:
             assert not out.silent
@@ -269,14 +270,27 @@ def test_keywords_fire_once_above_threshold_and_not_again_within_the_refractory_
     assert fired == [(0.75, "up", 2, 0.9), (1.25, "down", 3, 0.8), (3.00, "up", 2, 0.8)]
 
 
+def test_the_refractory_time_runs_on_the_audio_clock_else_on_capture_time() -> None:
+    spot = _spotter(threshold=0.7, refractory_s=1.0)
+    up = _probs(0.1, 0.0, 0.9, 0.0)
+    # A WAV replayed fast: windows 2 s apart in audio, captured within a millisecond.
+    assert not spot(up, FrameContext(1, 1000.0, audio_s=0.5)).silent
+    assert not spot(up, FrameContext(2, 1000.001, audio_s=2.5)).silent
+    assert spot(up, FrameContext(3, 1000.002, audio_s=3.0)).silent
+    # Frames without an audio time (not an audio source): their capture time counts.
+    spot = _spotter(threshold=0.7, refractory_s=1.0)
+    silent = [spot(up, FrameContext(n, ts)).silent for n, ts in enumerate((10.0, 10.5, 11.6))]
+    assert silent == [False, True, False]
+
+
 def test_keyword_threshold_default_logits_and_ignore_list() -> None:
     spot = _spotter(ignore=["_silence_"])  # pipeline threshold 0: the keyword default
     assert spot.threshold == DEFAULT_THRESHOLD == 0.8
     # Logits: softmax first; [0, 5, 0, 0] is 0.98 for _unknown_, which now may fire.
-    out = spot([np.asarray([[0.0, 5.0, 0.0, 0.0]], np.float32)], None, 0.0)
+    out = spot([np.asarray([[0.0, 5.0, 0.0, 0.0]], np.float32)], FrameContext(audio_s=0.0))
     assert out.classes is not None and out.classes[0].label == "_unknown_"
     assert out.classes[0].score == pytest.approx(np.exp(5) / (np.exp(5) + 3), abs=1e-4)
-    assert spot(_probs(0.1, 0.1, 0.75, 0.05), None, 5.0).silent
+    assert spot(_probs(0.1, 0.1, 0.75, 0.05), FrameContext(audio_s=5.0)).silent
 
 
 def test_keyword_outputs_must_fit_the_labels() -> None:
@@ -323,7 +337,8 @@ def test_the_keyword_bundle_hears_its_keywords_on_each_runtime(runtime: str, bun
         loaded.interpreter.set_tensor(loaded.inputs[0].index, x)
         loaded.interpreter.invoke()
         out = spot(
-            [loaded.interpreter.get_tensor(loaded.outputs[0].index)], None, 10.0 * len(heard)
+            [loaded.interpreter.get_tensor(loaded.outputs[0].index)],
+            FrameContext(audio_s=10.0 * len(heard)),
         )
         assert out.top1 is not None
         heard.append((LABELS[out.top1[0]], [c.label for c in out.classes or []]))

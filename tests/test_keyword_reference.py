@@ -8,6 +8,7 @@ import numpy as np
 from agent.config import DriftConfig, KeywordConfig
 from agent.loops.drift import DriftMonitor
 from agent.loops.keyword import KeywordSpotter
+from agent.loops.postprocess import FrameContext
 from agent.models.runtime import TensorInfo
 from converter.reference import reference_of
 
@@ -34,7 +35,9 @@ def test_silent_windows_count_for_drift() -> None:
     def distance(p: list[float]) -> float:
         spotter = KeywordSpotter([TENSOR], LABELS, KeywordConfig(refractory_s=60))
         monitor = DriftMonitor("kws", DriftConfig(window=200, min_frames=100))
-        outputs = [spotter([w], None, at=i * 0.5) for i, w in enumerate(windows(rng, 200, p))]
+        outputs = [
+            spotter([w], FrameContext(audio_s=i * 0.5)) for i, w in enumerate(windows(rng, 200, p))
+        ]
         assert sum(o.silent for o in outputs) > 150  # nearly every window publishes nothing
         for o in outputs:
             monitor.add("1", reference, o)

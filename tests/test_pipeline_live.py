@@ -5,8 +5,9 @@ that is missing and then appears), results checked against the true labels."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,10 @@ import numpy as np
 import pytest
 
 from agent.config import PipelineConfig
+from agent.loops import pipeline as pipeline_module
 from agent.loops.pipeline import STAGES, Pipeline
+from agent.loops.postprocess import FrameContext, Output
+from agent.loops.processing import Processing, build_processing
 from agent.loops.sources.synthetic import digit_samples
 from agent.models import runtime as rt
 from agent.models.manifest import Manifest, read_bundle
@@ -95,6 +99,37 @@ def test_digits_pipeline_results_match_the_labels(bundle: Path, runtime: str) ->
     assert telemetry.version == "1" and telemetry.source_state == "open"
     assert telemetry.dropped == 0 and telemetry.errors == 0
     assert state.status == "running" and state.model == "digits:1"
+
+
+def test_the_post_processor_gets_each_frames_context(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the capture thread pre-processed a frame or the worker did (the frames
+    queued before the model arrived), its post-processor gets that frame's context."""
+    seen: dict[int, FrameContext] = {}
+
+    def recording(*args: Any) -> Processing:
+        proc = build_processing(*args)
+        post = proc.post
+
+        def record(values: Sequence[np.ndarray], frame: FrameContext) -> Output:
+            seen[frame.seq] = frame
+            return post(values, frame)
+
+        return replace(proc, post=record)
+
+    monkeypatch.setattr(pipeline_module, "build_processing", recording)
+    source = {"type": "synthetic", "kind": "digits", "width": 32, "height": 24,
+              "channels": 1, "fps": 400}  # fmt: skip
+    with start_pipeline(bundle, RUNTIMES[0], {"source": source, "queue": "fifo"}) as run:
+        wait_for(lambda: len(run.results) >= 50, what="50 results")
+    got = run.results[:50]
+    assert got[0].frame == 1  # the first frames waited for the model: the worker's
+    for result in got:
+        frame = seen[result.frame]
+        assert (frame.seq, frame.ts, frame.audio_s) == (result.frame, result.ts, None)
+        assert frame.transform is not None
+        assert (frame.transform.source_w, frame.transform.source_h) == (32, 24)
 
 
 def test_hot_swap_serves_and_captures_while_the_new_model_builds(

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from agent.loops.decoders.ssd import SsdDetector as Detector
-from agent.loops.postprocess import Classifier, PublishPolicy, RawOutputs
+from agent.loops.frames import Frame
+from agent.loops.postprocess import Classifier, FrameContext, PublishPolicy, RawOutputs
 from agent.loops.preprocess import (
     ImagePreprocessor,
     PreprocessError,
@@ -14,6 +15,9 @@ from agent.loops.preprocess import (
     WindowPreprocessor,
     make_preprocessor,
 )
+from agent.loops.processing import Processing, preprocess_frame
+from agent.loops.sources.audio import AUDIO_TIME
+from agent.loops.sources.jpeg import SOURCE_SIZE
 from agent.models.manifest import Preprocess
 from agent.models.runtime import TensorInfo
 
@@ -126,7 +130,7 @@ def test_classify_softmaxes_logits_and_uses_labels() -> None:
     labels = ["cat", "dog", "eel", "fox"]
     clf = Classifier([out_t], labels, top_k=2)
     logits = np.array([[0, 8, 2, -4]], np.int8)  # dequantised: 0, 4, 1, -2
-    result = clf([logits], None)
+    result = clf([logits], FrameContext())
     assert result.classes is not None
     assert [c.label for c in result.classes] == ["dog", "eel"]
     expect = np.exp([4.0, 1.0]) / np.exp([0.0, 4.0, 1.0, -2.0]).sum()
@@ -137,7 +141,7 @@ def test_classify_softmaxes_logits_and_uses_labels() -> None:
 def test_classify_keeps_probabilities_and_applies_threshold() -> None:
     out_t = tensor((1, 3), "uint8", scale=1 / 256, zp=0)
     probs = np.array([[26, 204, 26]], np.uint8)  # ~0.1, 0.8, 0.1
-    result = Classifier([out_t], None, top_k=3, threshold=0.5)([probs], None)
+    result = Classifier([out_t], None, top_k=3, threshold=0.5)([probs], FrameContext())
     assert result.classes is not None and len(result.classes) == 1
     assert result.classes[0].index == 1 and result.classes[0].score == pytest.approx(
         0.797, abs=1e-3
@@ -158,7 +162,7 @@ def test_detect_maps_boxes_to_source_pixels() -> None:
     det = Detector(outs, ["bg", "person"], input_size=(10, 10), threshold=0.5)
     # Letterboxed 20x10 source into 10x10: scale 0.5, pad_y 2.5
     tr = Transform(0.5, 0.5, 0, 2.5, 20, 10)
-    result = det([boxes, classes, scores, count], tr)
+    result = det([boxes, classes, scores, count], FrameContext(transform=tr))
     assert result.detections is not None and len(result.detections) == 1
     d = result.detections[0]
     assert (d.label, d.score) == ("person", 0.9)
@@ -179,9 +183,29 @@ def test_boxes_from_a_reduced_decode_land_in_full_source_pixels() -> None:
     det = Detector(outs, None, input_size=(160, 160), threshold=0.5)
     boxes = np.array([[[0.25, 0.5, 0.75, 1.0], [0, 0, 1, 1]]], np.float32)  # y0 x0 y1 x1
     scores = np.array([[0.9, 0.1]], np.float32)
-    out = det([boxes, np.zeros((1, 2), np.float32), scores, np.ones(1, np.float32)], transform)
+    out = det(
+        [boxes, np.zeros((1, 2), np.float32), scores, np.ones(1, np.float32)],
+        FrameContext(transform=transform),
+    )
     assert out.detections is not None and len(out.detections) == 1
     assert out.detections[0].box == pytest.approx((320.0, 120.0, 640.0, 360.0))
+
+
+def test_a_frame_is_preprocessed_with_the_context_its_post_processor_gets() -> None:
+    """preprocess_frame hands on the frame's number, capture time, audio time and the
+    transform to its full source size (a reduced decode), whatever the task."""
+    pre = ImagePreprocessor(tensor((1, 16, 16, 3), "uint8", 1.0, 0), Preprocess(), "letterbox")
+    proc = Processing("1", pre, Classifier([tensor((1, 3))], None), input_index=0)
+    image = np.zeros((8, 16, 3), np.uint8)
+    meta = {SOURCE_SIZE: (64, 32), AUDIO_TIME: 2.5}
+    tensor_, frame = preprocess_frame(proc, Frame(7, 1795000000.25, image, meta))
+    assert tensor_.shape == (1, 16, 16, 3)
+    letterbox = pre(image)[1].for_source(64, 32)
+    assert frame == FrameContext(7, 1795000000.25, letterbox, 2.5)
+    assert frame.stream_s == 2.5  # the audio clock where there is one
+    _, plain = preprocess_frame(proc, Frame(8, 1795000000.5, image))
+    assert plain == FrameContext(8, 1795000000.5, pre(image)[1], None)
+    assert plain.stream_s == 1795000000.5  # else the capture time
 
 
 def test_detect_needs_four_outputs() -> None:
@@ -191,7 +215,7 @@ def test_detect_needs_four_outputs() -> None:
 
 def test_raw_outputs_dequantised() -> None:
     t = tensor((1, 2), "int8", scale=0.25, zp=2)
-    [out] = RawOutputs([t])([np.array([[2, 6]], np.int8)], None).raw or []
+    [out] = RawOutputs([t])([np.array([[2, 6]], np.int8)], FrameContext()).raw or []
     assert (out.shape, out.values) == ([1, 2], [0.0, 1.0])
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from agent.config import ConfigError, PipelineConfig, parse_config
-from agent.loops.pipeline import build_processing
-from agent.loops.postprocess import DEFAULT_RAW_VALUES, RawOutputs
+from agent.loops.postprocess import DEFAULT_RAW_VALUES, FrameContext, RawOutputs
+from agent.loops.processing import build_processing
 from agent.models import runtime as rt
 from agent.models.manifest import Manifest, ModelFile, Producer, TensorSpec
 from agent.models.runtime import TensorInfo
@@ -24,14 +24,14 @@ def tensor(
 
 def test_an_output_within_the_cap_goes_out_whole() -> None:
     x = np.arange(6, dtype=np.float32).reshape(1, 2, 3) / 4
-    [out] = RawOutputs([tensor((1, 2, 3))], max_values=6)([x], None).raw or []
+    [out] = RawOutputs([tensor((1, 2, 3))], max_values=6)([x], FrameContext()).raw or []
     assert out.shape == [1, 2, 3] and out.values == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
     assert out.min is None and out.argmax is None
 
 
 def test_a_larger_float_output_is_summarised_as_numpy_sees_it() -> None:
     x = np.random.default_rng(0).normal(size=(1, 16, 16, 3)).astype(np.float32)
-    result = RawOutputs([tensor(x.shape)], max_values=100)([x], None)
+    result = RawOutputs([tensor(x.shape)], max_values=100)([x], FrameContext())
     [out] = result.raw or []
     assert out.values is None and out.shape == [1, 16, 16, 3]
     assert out.min == pytest.approx(float(x.min()), abs=1e-6)
@@ -46,7 +46,7 @@ def test_int8_summary_is_taken_on_the_codes_and_dequantised() -> None:
     t = tensor((1, 40, 40), "int8", scale=0.05, zp=-3)
     codes = np.random.default_rng(1).integers(-128, 128, (1, 40, 40)).astype(np.int8)
     real = (codes.astype(np.float64) + 3) * 0.05
-    [out] = RawOutputs([t], max_values=64)([codes], None).raw or []
+    [out] = RawOutputs([t], max_values=64)([codes], FrameContext()).raw or []
     assert out.values is None
     assert out.min == pytest.approx(real.min(), abs=1e-6)
     assert out.max == pytest.approx(real.max(), abs=1e-6)
@@ -58,13 +58,18 @@ def test_outputs_are_capped_one_by_one() -> None:
     small = np.array([[2, 6]], np.int8)
     big = np.zeros((1, 65), np.float32)
     big[0, 9] = 3.0
-    raw = RawOutputs([tensor((1, 2), "int8", 0.25, 2), tensor((1, 65))])([small, big], None).raw
+    raw = RawOutputs([tensor((1, 2), "int8", 0.25, 2), tensor((1, 65))])(
+        [small, big], FrameContext()
+    ).raw
     assert raw is not None and [r.values for r in raw] == [[0.0, 1.0], None]
     assert (raw[1].argmax, raw[1].max, raw[1].min) == (9, 3.0, 0.0)
 
 
 def test_zero_cap_summarises_everything() -> None:
-    [out] = RawOutputs([tensor((1,))], max_values=0)([np.array([1.5], np.float32)], None).raw or []
+    [out] = (
+        RawOutputs([tensor((1,))], max_values=0)([np.array([1.5], np.float32)], FrameContext()).raw
+        or []
+    )
     assert out.values is None and (out.min, out.max, out.mean, out.argmax) == (1.5, 1.5, 1.5, 0)
 
 
@@ -136,7 +141,7 @@ def test_pipeline_builds_raw_processing_with_the_configured_cap(
         loaded.interpreter.set_tensor(proc.input_index, tensor)
         loaded.interpreter.invoke()
         codes = [loaded.interpreter.get_tensor(o.index) for o in loaded.outputs]
-        outputs.append((proc.post(codes, transform), codes[0]))
+        outputs.append((proc.post(codes, FrameContext(transform=transform)), codes[0]))
     (whole, codes), (summary, _) = outputs
     t = loaded.outputs[0]
     real = t.dequantize(codes).reshape(-1)

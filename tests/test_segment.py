@@ -18,9 +18,9 @@ import pytest
 from pydantic import ValidationError
 
 from agent.config import PipelineConfig, SegmentConfig
-from agent.loops.pipeline import build_processing
-from agent.loops.postprocess import Output, PublishPolicy
+from agent.loops.postprocess import FrameContext, Output, PublishPolicy
 from agent.loops.preprocess import Transform
+from agent.loops.processing import build_processing
 from agent.loops.segment import (
     Segmenter,
     components,
@@ -85,7 +85,7 @@ def seg(out: Output) -> Segmentation:
 
 def test_areas_and_regions_of_a_score_map() -> None:
     labels = ["bg", "a", "b", "c"]
-    out = segmenter((1, 16, 16, 4), labels)([logits(scene(), 4)], None)
+    out = segmenter((1, 16, 16, 4), labels)([logits(scene(), 4)], FrameContext())
     s = seg(out)
     assert [(c.index, c.label, c.area) for c in s.classes] == [
         (0, "bg", round(1 - 74 / 256, 4)),
@@ -103,7 +103,7 @@ def test_areas_and_regions_of_a_score_map() -> None:
     assert s.mask is None
     # The second blob of class 3 (2 cells, 0.8%) is under min_region_area (1%).
     everything = segmenter((1, 16, 16, 4), labels, SegmentConfig(min_region_area=0))
-    small = seg(everything([logits(scene(), 4)], None)).regions[-1]
+    small = seg(everything([logits(scene(), 4)], FrameContext())).regions[-1]
     assert (small.index, small.area, small.box) == (3, 0.0078, (0.0, 16.0, 4.0, 18.0))
 
 
@@ -111,8 +111,10 @@ def test_int8_codes_give_the_same_answer_as_real_values() -> None:
     real = logits(scene(), 4)
     scale, zero = 7.0 / 255, -128 + round(2.0 / (7.0 / 255))
     codes = np.clip(np.round(real / scale + zero), -128, 127).astype(np.int8)
-    float_out = segmenter((1, 16, 16, 4))([real], None)
-    int8_out = segmenter((1, 16, 16, 4), dtype="int8", scale=scale, zero_point=zero)([codes], None)
+    float_out = segmenter((1, 16, 16, 4))([real], FrameContext())
+    int8_out = segmenter((1, 16, 16, 4), dtype="int8", scale=scale, zero_point=zero)(
+        [codes], FrameContext()
+    )
     assert int8_out.segmentation == float_out.segmentation
     assert int8_out.class_map is not None and np.array_equal(int8_out.class_map, scene())
 
@@ -125,7 +127,9 @@ def test_letterbox_padding_is_cut_off_and_boxes_land_in_source_pixels() -> None:
     m[6:10, 0:4] = 1  # source x 0-16, y 8-24
     letterbox = Transform(0.5, 0.5, 0.0, 8.0, 64, 32)
     config = SegmentConfig(mask_size=8)
-    s = seg(segmenter((1, 16, 16, 4), config=config)([logits(m, 4)], letterbox))
+    s = seg(
+        segmenter((1, 16, 16, 4), config=config)([logits(m, 4)], FrameContext(transform=letterbox))
+    )
     assert [(c.index, c.area) for c in s.classes] == [(0, 0.875), (1, 0.125)]
     assert [(r.index, r.area, r.box) for r in s.regions] == [(1, 0.125, (0.0, 8.0, 16.0, 24.0))]
     # The mask covers the frame (64 x 32): 8 x 4 cells.
@@ -148,8 +152,8 @@ def test_class_index_masks(
 ) -> None:
     labels = ["bg", "a", "b", "c"]
     values = scene().astype(dtype).reshape(shape)
-    s = seg(segmenter(shape, labels)([values], None))
-    expected = seg(segmenter((1, 16, 16, 4), labels)([logits(scene(), 4)], None))
+    s = seg(segmenter(shape, labels)([values], FrameContext()))
+    expected = seg(segmenter((1, 16, 16, 4), labels)([logits(scene(), 4)], FrameContext()))
     assert s == expected
 
 
@@ -158,7 +162,11 @@ def test_a_foreground_probability_becomes_two_classes_at_one_half() -> None:
     probability = np.full((1, 8, 8, 1), 0.2)
     probability[0, :4, :, 0] = 0.7
     codes = np.round(probability * 255).astype(np.uint8)
-    s = seg(segmenter((1, 8, 8, 1), ["bg", "person"], dtype="uint8", scale=1 / 255)([codes], None))
+    s = seg(
+        segmenter((1, 8, 8, 1), ["bg", "person"], dtype="uint8", scale=1 / 255)(
+            [codes], FrameContext()
+        )
+    )
     assert [(c.label, c.area) for c in s.classes] == [("bg", 0.5), ("person", 0.5)]
     assert [(r.label, r.box) for r in s.regions] == [("person", (0.0, 0.0, 32.0, 16.0))]
 
@@ -214,14 +222,18 @@ def test_at_most_max_regions_largest_first() -> None:
         side = 2 + i % 7
         m[r * 12 : r * 12 + side, c * 10 : c * 10 + min(side, 8)] = 1 + i % 3
     config = SegmentConfig(max_regions=16, min_region_area=0)
-    s = seg(segmenter((1, 64, 64, 4), config=config, input_size=(64, 64))([logits(m, 4)], None))
+    s = seg(
+        segmenter((1, 64, 64, 4), config=config, input_size=(64, 64))(
+            [logits(m, 4)], FrameContext()
+        )
+    )
     areas = [r.area for r in s.regions]
     assert len(areas) == 16 and areas == sorted(areas, reverse=True)
     everything = sorted((c[1] for c in components(m, 0)), reverse=True)
     assert len(everything) == 30
     assert areas == [round(a / 4096, 4) for a in everything[:16]]
     assert seg(segmenter((1, 64, 64, 4), config=SegmentConfig(max_regions=0))(
-        [logits(m, 4)], None
+        [logits(m, 4)], FrameContext()
     )).regions == []  # fmt: skip
 
 
@@ -229,7 +241,9 @@ def test_the_rle_mask_decodes_to_the_reduced_map() -> None:
     m = blobs(np.random.default_rng(3), 6)
     config = SegmentConfig(mask_size=32)
     s = seg(
-        segmenter((1, 256, 256, 21), config=config, input_size=(256, 256))([logits(m, 21)], None)
+        segmenter((1, 256, 256, 21), config=config, input_size=(256, 256))(
+            [logits(m, 21)], FrameContext()
+        )
     )
     assert s.mask is not None and (s.mask.width, s.mask.height) == (32, 32)
     assert sum(n for _, n in s.mask.runs) == 32 * 32
@@ -245,7 +259,9 @@ def test_results_of_a_21_class_256_map_stay_under_2_kb() -> None:
     source = Transform(256 / 1280, 256 / 1280, 0.0, 56.0, 1280, 720)  # letterboxed 720p
     sizes = []
     for _ in range(60):
-        out = decoder([logits(blobs(rng, int(rng.integers(2, 12))), 21)], source)
+        out = decoder(
+            [logits(blobs(rng, int(rng.integers(2, 12))), 21)], FrameContext(transform=source)
+        )
         result = Result(
             device="pi-yard-01", pipeline="yard", seq=123456, ts=1795000020.123, frame=987654,
             model="deeplab", version="3", latency_ms=96.123, segmentation=out.segmentation,
@@ -264,9 +280,9 @@ def test_agreement_is_the_mean_iou_of_the_class_maps() -> None:
     # Another size is compared at the active's.
     assert map_agreement(a, np.kron(a, np.ones((2, 2), np.int64))) == 1.0
     decoder = segmenter((1, 16, 16, 4))
-    assert agreement(decoder([logits(a, 4)], None), decoder([logits(b, 4)], None)) == (
-        pytest.approx(map_agreement(a, b))
-    )
+    assert agreement(
+        decoder([logits(a, 4)], FrameContext()), decoder([logits(b, 4)], FrameContext())
+    ) == (pytest.approx(map_agreement(a, b)))
 
 
 def test_change_policy_follows_the_largest_class() -> None:
@@ -274,7 +290,7 @@ def test_change_policy_follows_the_largest_class() -> None:
     policy = PublishPolicy("change", score_delta=0.1)
     big = np.zeros((16, 16), np.int64)
     big[:12] = 2  # class 2 covers 75%
-    outs = [decoder([logits(m, 4)], None) for m in (scene(), scene(), big)]
+    outs = [decoder([logits(m, 4)], FrameContext()) for m in (scene(), scene(), big)]
     assert outs[2].top == (2, 0.75)
     assert [policy.should_publish(o) for o in outs] == [True, False, True]
 
@@ -350,7 +366,10 @@ def test_the_int8_segmentation_model_on_each_runtime(bundle: Path, runtime: str)
     tensor, transform = proc.pre(frame())
     loaded.interpreter.set_tensor(proc.input_index, tensor)
     loaded.interpreter.invoke()
-    out = proc.post([loaded.interpreter.get_tensor(o.index) for o in loaded.outputs], transform)
+    out = proc.post(
+        [loaded.interpreter.get_tensor(o.index) for o in loaded.outputs],
+        FrameContext(transform=transform),
+    )
     s = seg(out)
     assert [(c.label, c.area) for c in s.classes] == EXPECTED_CLASSES
     assert [(r.label, r.area, r.box) for r in s.regions] == EXPECTED_REGIONS

@@ -10,7 +10,7 @@ import pytest
 
 from agent.config import DriftConfig, SegmentConfig
 from agent.loops.drift import DriftMonitor
-from agent.loops.postprocess import summarise
+from agent.loops.postprocess import FrameContext, summarise
 from agent.loops.segment import Segmenter
 from agent.models.health import OutputWindow, Reference, segment_reference
 from agent.models.runtime import TensorInfo
@@ -74,7 +74,7 @@ def test_converter_reference_equals_the_agents_class_maps_on_int8_codes() -> Non
     converted = reference_of("segment", [TENSOR], values)
     assert converted is not None and converted.segment is not None
     post = segmenter()
-    maps = [post([c], None).class_map for c in codes]
+    maps = [post([c], FrameContext()).class_map for c in codes]
     assert all(m is not None for m in maps)
     assert converted.segment == segment_reference(
         [m for m in maps if m is not None], classes=CLASSES
@@ -86,7 +86,7 @@ def drift_after(reference: Reference, maps: list[np.ndarray], rng: np.random.Gen
     monitor = DriftMonitor("seg", DriftConfig(window=200, min_frames=50, threshold=0.25))
     post = segmenter()
     for m in maps:
-        monitor.add("1", reference, post([int8_scores(m, rng)], None))
+        monitor.add("1", reference, post([int8_scores(m, rng)], FrameContext()))
     figures = monitor.evaluate("1")
     assert figures is not None and figures.distance is not None
     assert figures.frames == len(maps) and figures.confidence is not None
@@ -112,7 +112,7 @@ def test_drift_of_a_segmentation_model_against_its_reference() -> None:
 def test_the_window_counts_only_segment_outputs_and_classes_beyond_the_reference() -> None:
     reference = Reference(samples=2, segment=segment_reference([np.ones((4, 4), np.int64)] * 2))
     window = OutputWindow(reference, size=10, min_frames=1)
-    out = segmenter()([int8_scores(np.full((32, 32), 4), np.random.default_rng(2))], None)
+    out = segmenter()([int8_scores(np.full((32, 32), 4), np.random.default_rng(2))], FrameContext())
     summarise(window, out)  # class 4, unknown to the reference: the "other" bin
     assert len(window) == 1
     figures = window.figures()

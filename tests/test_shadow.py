@@ -19,8 +19,9 @@ import pytest
 from agent.config import PipelineConfig
 from agent.loops.frames import Frame
 from agent.loops.model_server import PipelineServer
-from agent.loops.pipeline import Pipeline, build_processing, preprocess_frame
+from agent.loops.pipeline import Pipeline
 from agent.loops.postprocess import Output
+from agent.loops.processing import build_processing, preprocess_frame
 from agent.loops.shadow import ShadowEvaluator, agreement
 from agent.models import runtime as rt
 from agent.models.health import Reference, classify_reference
@@ -116,12 +117,12 @@ class ServingSide:
         self.proc = build_processing("1", manifest_of(model, "1"), self.loaded, CONFIG)
 
     def output(self, frame: Frame) -> Output:
-        tensor, transform = preprocess_frame(self.proc, frame)
+        tensor, context = preprocess_frame(self.proc, frame)
         interpreter = self.loaded.interpreter
         interpreter.set_tensor(self.proc.input_index, tensor)
         interpreter.invoke()
         values = [interpreter.get_tensor(o.index) for o in self.loaded.outputs]
-        return self.proc.post(values, transform)
+        return self.proc.post(values, context)
 
 
 @contextmanager

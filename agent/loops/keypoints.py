@@ -14,8 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from agent.loops.postprocess import Output
-from agent.loops.preprocess import Transform
+from agent.loops.postprocess import FrameContext, Output
 from agent.models.runtime import TensorInfo
 from agent.protocol import Keypoint
 
@@ -79,12 +78,13 @@ class KeypointsDecoder:
         self.input_w, self.input_h = input_size
         self.threshold = threshold
 
-    def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
+    def __call__(self, values: Sequence[np.ndarray], frame: FrameContext) -> Output:
         points = self.tensor.dequantize(values[0]).reshape(-1, 3).astype(np.float64)
         scores = points[:, 2]
         if float(scores.mean()) < self.threshold:
             return Output(keypoints=[], scores=scores)
         x, y = points[:, 1] * self.input_w, points[:, 0] * self.input_h
+        transform = frame.transform
         if transform is not None:
             x, y = transform.to_source(x, y)
         keypoints = [

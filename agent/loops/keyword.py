@@ -12,14 +12,12 @@ drift statistics, which describe everything the model hears.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from agent.config import KeywordConfig
-from agent.loops.postprocess import Output
-from agent.loops.preprocess import Transform
+from agent.loops.postprocess import FrameContext, Output
 from agent.models.health import probabilities
 from agent.models.runtime import TensorInfo
 from agent.protocol import ClassScore
@@ -30,7 +28,8 @@ DEFAULT_THRESHOLD = 0.8
 
 class KeywordSpotter:
     """Probabilities (softmax when the model gives logits), background labels, threshold
-    and refractory time; ``at`` is the window's time on the audio clock (seconds)."""
+    and refractory time, counted on the frame's stream clock (``FrameContext.stream_s``:
+    the audio's for audio windows)."""
 
     def __init__(
         self,
@@ -38,7 +37,6 @@ class KeywordSpotter:
         labels: Sequence[str] | None,
         config: KeywordConfig,
         threshold: float = 0.0,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tensor = outputs[0]
         self.labels = list(labels) if labels else None
@@ -46,20 +44,17 @@ class KeywordSpotter:
         self.refractory_s = config.refractory_s
         ignore = set(config.ignore)
         self._ignored = {i for i, label in enumerate(self.labels or []) if label in ignore}
-        self._clock = clock
-        # Keyword index -> audio time it was last detected at.
+        # Keyword index -> stream time (FrameContext.stream_s) it was last detected at.
         self._last_seen: dict[int, float] = {}
 
-    def __call__(
-        self, values: Sequence[np.ndarray], transform: Transform | None, at: float | None = None
-    ) -> Output:
+    def __call__(self, values: Sequence[np.ndarray], frame: FrameContext) -> Output:
         scores = probabilities(self.tensor.dequantize(values[0]))
         best = int(np.argmax(scores))
         score = float(scores[best])
         top1 = (best, score)
         if best in self._ignored or score < self.threshold:
             return Output(top1=top1, silent=True)
-        now = self._clock() if at is None else at
+        now = frame.stream_s
         last = self._last_seen.get(best)
         self._last_seen[best] = now
         if last is not None and now - last < self.refractory_s:

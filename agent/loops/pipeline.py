@@ -6,17 +6,19 @@ thread decodes and pre-processes the next and the results thread post-processes 
 publishes the previous one, so the worker's own per-frame work is little more than
 the invoke, and the model's speed is the pipeline's limit.
 
-Processing is built per model version from that version's manifest and the
-interpreter's own tensor details, so a hot-swap brings its own: the worker builds
-it, and the capture thread pre-processes with whatever processing the worker last
-built. A frame prepared for another version (or before any) is pre-processed again
-on the worker, so a swap never feeds a model a tensor shaped for its predecessor.
-Each result carries the processing that prepared its frame, and the results thread
-post-processes it with that. The processing also carries its version's reference
-statistics, against which the results thread keeps the drift window (agent.loops.drift):
-a few appends per frame, binned only when read. With ``pipelines[].capture`` on, the
-frame as the source gave it rides with its result (a reference), and the results
-thread offers the least confident to the pipeline's ``FrameCapture`` (agent.loops.capture).
+Processing (agent.loops.processing) is built per model version from that version's
+manifest and the interpreter's own tensor details, so a hot-swap brings its own: the
+worker builds it, and the capture thread pre-processes with whatever processing the
+worker last built. A frame prepared for another version (or before any) is
+pre-processed again on the worker, so a swap never feeds a model a tensor shaped for
+its predecessor. Each result carries the processing that prepared its frame and the
+frame's ``FrameContext`` (transform, frame number, capture and audio time), and the
+results thread post-processes it with that: one call, whatever the post-processor. The
+processing also carries its version's reference statistics, against which the results
+thread keeps the drift window (agent.loops.drift): a few appends per frame, binned
+only when read. With ``pipelines[].capture`` on, the frame as the source gave it rides
+with its result (a reference), and the results thread offers the least confident to
+the pipeline's ``FrameCapture`` (agent.loops.capture).
 """
 
 from __future__ import annotations
@@ -28,34 +30,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from agent.config import PipelineConfig
 from agent.loops.capture import FrameCapture
-from agent.loops.decoders import make_detector
 from agent.loops.drift import DriftMonitor
 from agent.loops.frames import Frame, FrameQueue, LatestFrameSlot
-from agent.loops.keypoints import KeypointsDecoder
-from agent.loops.keyword import KeywordSpotter
-from agent.loops.postprocess import Classifier, Output, PublishPolicy, RawOutputs
-from agent.loops.preprocess import (
-    ImagePreprocessor,
-    Transform,
-    limit_opencv_threads,
-    make_preprocessor,
+from agent.loops.postprocess import FrameContext, Output, PublishPolicy
+from agent.loops.preprocess import ImagePreprocessor, limit_opencv_threads
+from agent.loops.processing import (
+    PrepareAhead,
+    Prepared,
+    Processing,
+    build_processing,
+    preprocess_frame,
 )
-from agent.loops.segment import Segmenter
 from agent.loops.sources import CaptureThread, Source, create_source
-from agent.loops.sources.audio import AUDIO_TIME
-from agent.loops.sources.base import FrameSink
-from agent.loops.sources.jpeg import SOURCE_SIZE
 from agent.loops.stats import LatencyWindow, RateMeter
 from agent.loops.stream_state import StreamState
 from agent.loops.worker import InferenceResult, InferenceWorker, ServedModel
-from agent.models.health import Reference
-from agent.models.manifest import Manifest, StateLink
+from agent.models.manifest import Manifest
 from agent.models.runtime import LoadedModel
 from agent.protocol import PipelineState, PipelineTelemetry, Result, StageLatency
 from agent.threads import SUPPORT_NICE, Watch, lower_priority
@@ -72,111 +67,17 @@ QUEUE_FRAMES = 8
 RESULTS_QUEUE = 64
 
 
-@dataclass
-class _Processing:
-    version: str
-    pre: Callable[[np.ndarray], tuple[np.ndarray, Transform | None]]
-    post: Callable[..., Output]
-    input_index: int
-    reference: Reference | None = None
-    # Tensor indexes of the outputs ``post`` reads, in order: all but the state outputs.
-    outputs: tuple[int, ...] = ()
-    # A streaming model's state links (manifest ``state``), else None.
-    state: list[StateLink] | None = None
-
-
 @dataclass(frozen=True, slots=True)
-class _FrameContext:
-    """What the results thread needs to know about how a frame was prepared; ``source``
-    is the frame as the source gave it, kept (a reference) only while capture or a shadow
+class _ResultContext:
+    """What travels with a result from the worker to the results thread: the processing
+    that prepared its frame, the frame's context for its post-processor, and ``source``,
+    the frame as the source gave it, kept (a reference) only while capture or a shadow
     evaluation wants it."""
 
-    processing: _Processing
-    transform: Transform | None
+    processing: Processing
+    frame: FrameContext
     pre_ms: float
     source: Frame | None = None
-    # The frame's time on its audio clock (audio sources), for a keyword's refractory time.
-    audio_s: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    """A frame pre-processed on the capture thread, and by which processing; ``raw``
-    is the frame as the source gave it, in case the worker must do it again."""
-
-    raw: Any
-    processing: _Processing
-    tensor: np.ndarray
-    transform: Transform | None
-    ms: float
-
-
-def preprocess_frame(proc: _Processing, frame: Frame) -> tuple[np.ndarray, Transform | None]:
-    tensor, transform = proc.pre(frame.data)
-    source_size = frame.meta.get(SOURCE_SIZE)
-    if transform is not None and source_size is not None:
-        # The source decoded a reduced copy: boxes still go back to its full size.
-        transform = transform.for_source(*source_size)
-    return tensor, transform
-
-
-def build_processing(
-    version: str, manifest: Manifest, loaded: LoadedModel, config: PipelineConfig
-) -> _Processing:
-    """Pre- and post-processing of one model version, from its manifest, the
-    interpreter's tensors and the pipeline's settings."""
-    tensor = loaded.inputs[manifest.frame_input]
-    pre = make_preprocessor(tensor, manifest.preprocess, config.resize)
-    carried = {link.output for link in manifest.state or ()}
-    outputs = [o for o in loaded.outputs if o.name not in carried]
-    labels = manifest.labels
-    post: Callable[..., Output]
-    size = (pre.width, pre.height) if isinstance(pre, ImagePreprocessor) else (1, 1)
-    if manifest.task == "classify":
-        post = Classifier(outputs, labels, config.top_k, config.threshold)
-    elif manifest.task == "detect":
-        post = make_detector(manifest, outputs, labels, size, config.threshold)
-    elif manifest.task == "keyword":
-        post = KeywordSpotter(outputs, labels, config.keyword, config.threshold)
-    elif manifest.task == "keypoints":
-        post = KeypointsDecoder(outputs, labels, size, config.threshold)
-    elif manifest.task == "segment":
-        post = Segmenter(outputs, labels, size, config.segment)
-    else:
-        post = RawOutputs(outputs, config.raw.max_values)
-    return _Processing(
-        version,
-        pre,
-        post,
-        tensor.index,
-        manifest.reference,
-        tuple(o.index for o in outputs),
-        manifest.state,
-    )
-
-
-class _PrepareAhead:
-    """The capture thread's sink: pre-processes each frame with the processing the
-    worker last built, then hands it to the slot or queue. A frame that fails here is
-    passed on as it is; the worker tries again and counts the error."""
-
-    def __init__(self, pipeline: Pipeline, frames: FrameSink) -> None:
-        self._pipeline = pipeline
-        self._frames = frames
-
-    def put(self, frame: Frame, stop: threading.Event | None = None) -> bool:
-        proc = self._pipeline._processing
-        if proc is not None:
-            start = time.perf_counter()
-            try:
-                tensor, transform = preprocess_frame(proc, frame)
-            except Exception:  # reported by the worker, which tries again
-                pass
-            else:
-                ms = (time.perf_counter() - start) * 1000
-                prepared = _Prepared(frame.data, proc, tensor, transform, ms)
-                frame = Frame(frame.seq, frame.ts, prepared, frame.meta)
-        return self._frames.put(frame, stop)
 
 
 class Pipeline:
@@ -203,7 +104,7 @@ class Pipeline:
         self.frames: LatestFrameSlot | FrameQueue = (
             LatestFrameSlot() if live else FrameQueue(QUEUE_FRAMES)
         )
-        self.capture = CaptureThread(config.name, self.source, _PrepareAhead(self, self.frames))
+        self.capture = CaptureThread(config.name, self.source, self._prepare_ahead())
         self.worker = InferenceWorker(
             config.name,
             config.model,
@@ -221,7 +122,7 @@ class Pipeline:
         self.captures = captures
         # The processing for the version being served: built by the worker thread,
         # read by the capture thread (prepare ahead), replaced by ``update``.
-        self._processing: _Processing | None = None
+        self._processing: Processing | None = None
         # A streaming model's state, for the loaded model it belongs to: the worker's alone.
         self._stream: StreamState | None = None
         self._results: queue.Queue[InferenceResult] = queue.Queue(RESULTS_QUEUE)
@@ -307,7 +208,7 @@ class Pipeline:
         with self._capture_lock:
             old = self._capture_after or self.capture
             old.stop()
-            self.capture = CaptureThread(self.name, self.source, _PrepareAhead(self, self.frames))
+            self.capture = CaptureThread(self.name, self.source, self._prepare_ahead())
             if old.alive:
                 # Stuck in a driver read: a second thread must not read the same source.
                 # ``poll`` starts the new one when the old read returns and its thread ends.
@@ -374,7 +275,11 @@ class Pipeline:
 
     # --------------------------------------------------------------- worker hooks
 
-    def _processing_for(self, model: ServedModel) -> _Processing:
+    def _prepare_ahead(self) -> PrepareAhead:
+        """A capture thread's sink: pre-processes with the processing the worker last built."""
+        return PrepareAhead(lambda: self._processing, self.frames)
+
+    def _processing_for(self, model: ServedModel) -> Processing:
         proc = self._processing
         if proc is not None and proc.version == model.version:
             return proc
@@ -390,7 +295,7 @@ class Pipeline:
         self._processing = proc
         return proc
 
-    def _stream_of(self, model: ServedModel, proc: _Processing) -> StreamState | None:
+    def _stream_of(self, model: ServedModel, proc: Processing) -> StreamState | None:
         """The state of the loaded model being served: a new (zero) one for a new load."""
         if proc.state is None:
             return None
@@ -408,28 +313,24 @@ class Pipeline:
                 )
         return stream
 
-    def _prepare(self, model: ServedModel, frame: Frame) -> _FrameContext:
+    def _prepare(self, model: ServedModel, frame: Frame) -> _ResultContext:
         proc = self._processing_for(model)
         stream = self._stream_of(model, proc)
         if stream is not None:
             stream.feed()
         data = frame.data
         keep_source = self.captures is not None or self.shadow_tap is not None
-        if isinstance(data, _Prepared):
+        if isinstance(data, Prepared):
             if data.processing is proc:
                 model.loaded.interpreter.set_tensor(proc.input_index, data.tensor)
                 source = Frame(frame.seq, frame.ts, data.raw, frame.meta) if keep_source else None
-                return _FrameContext(
-                    proc, data.transform, data.ms, source, frame.meta.get(AUDIO_TIME)
-                )
+                return _ResultContext(proc, data.frame, data.ms, source)
             frame = Frame(frame.seq, frame.ts, data.raw, frame.meta)
         start = time.perf_counter()
-        tensor, transform = preprocess_frame(proc, frame)
+        tensor, context = preprocess_frame(proc, frame)
         model.loaded.interpreter.set_tensor(proc.input_index, tensor)
         ms = (time.perf_counter() - start) * 1000
-        return _FrameContext(
-            proc, transform, ms, frame if keep_source else None, frame.meta.get(AUDIO_TIME)
-        )
+        return _ResultContext(proc, context, ms, frame if keep_source else None)
 
     def _finish(self, model: ServedModel, frame: Frame) -> list[np.ndarray]:
         interpreter = model.loaded.interpreter
@@ -482,16 +383,9 @@ class Pipeline:
                 self._results.task_done()
 
     def _on_result(self, result: InferenceResult) -> None:
-        context: _FrameContext = result.context
+        context: _ResultContext = result.context
         start = time.perf_counter()
-        post = context.processing.post
-        if isinstance(post, KeywordSpotter):
-            audio_s = context.audio_s
-            output = post(
-                result.outputs, context.transform, result.ts if audio_s is None else audio_s
-            )
-        else:
-            output = post(result.outputs, context.transform)
+        output = context.processing.post(result.outputs, context.frame)
         post_ms = (time.perf_counter() - start) * 1000
         lat = self.latency
         to_done_ms = (result.done - result.ts) * 1000

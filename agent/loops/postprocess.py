@@ -1,4 +1,8 @@
-"""Output tensors to results, by task, and the per-pipeline publishing policy."""
+"""Output tensors to results, by task, and the per-pipeline publishing policy.
+
+Every post-processor is called the same way, ``post(values, frame)``: the output tensors
+and the ``FrameContext`` of the frame they came from, so the pipeline hands each one
+what any of them needs without knowing which it has."""
 
 from __future__ import annotations
 
@@ -12,6 +16,26 @@ from agent.loops.preprocess import Transform
 from agent.models.health import OutputWindow, probabilities
 from agent.models.runtime import TensorInfo
 from agent.protocol import ClassScore, Detection, Keypoint, RawTensor, Segmentation
+
+
+@dataclass(frozen=True, slots=True)
+class FrameContext:
+    """What a post-processor may need of the frame its outputs came from: ``seq`` and
+    ``ts`` (the source's frame number and Unix time of capture), ``transform`` (how the
+    source was fitted to the input: boxes and points go back through it) and
+    ``audio_s`` (an audio window's end on the audio's own clock, else None)."""
+
+    seq: int = 0
+    ts: float = 0.0
+    transform: Transform | None = None
+    audio_s: float | None = None
+
+    @property
+    def stream_s(self) -> float:
+        """The frame's time in seconds on its stream's clock: the audio's for audio
+        windows (a WAV replayed fast, or a window a slow model let drop, keeps its
+        timing), else the capture time."""
+        return self.ts if self.audio_s is None else self.audio_s
 
 
 @dataclass(frozen=True)
@@ -100,7 +124,7 @@ class Classifier:
             and (lo_hi[1] - t.zero_point) * t.scale <= 1 + 1e-6
         )
 
-    def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
+    def __call__(self, values: Sequence[np.ndarray], frame: FrameContext) -> Output:
         raw = values[0].reshape(-1)
         k = min(self.top_k, raw.size)
         if self._codes_are_probabilities:
@@ -146,7 +170,7 @@ class RawOutputs:
         self.outputs = list(outputs)
         self.max_values = max_values
 
-    def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
+    def __call__(self, values: Sequence[np.ndarray], frame: FrameContext) -> Output:
         tensors = [t.dequantize(x) for t, x in zip(self.outputs, values, strict=True)]
         raw = [
             self._values(x) if x.size <= self.max_values else self._summary(t, codes)
@@ -176,7 +200,8 @@ class RawOutputs:
         )
 
 
-Postprocessor = Callable[[Sequence[np.ndarray], Transform | None], Output]
+#: Output tensors of one frame (all but a streaming model's state) and that frame's context.
+Postprocessor = Callable[[Sequence[np.ndarray], FrameContext], Output]
 
 
 class PublishPolicy:

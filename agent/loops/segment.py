@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from agent.config import SegmentConfig
-from agent.loops.postprocess import Output
+from agent.loops.postprocess import FrameContext, Output
 from agent.loops.preprocess import Transform
 from agent.models.runtime import TensorInfo
 from agent.models.segment_map import (
@@ -201,7 +201,8 @@ class Segmenter:
         labels = self.labels
         return labels[index] if labels is not None and 0 <= index < len(labels) else None
 
-    def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
+    def __call__(self, values: Sequence[np.ndarray], frame: FrameContext) -> Output:
+        transform = frame.transform
         config = self.config
         y0, y1, x0, x1 = self.crop(transform)
         ch, cw = y1 - y0, x1 - x0

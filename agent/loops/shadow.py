@@ -38,8 +38,8 @@ from agent.config import PipelineConfig
 from agent.loops.capture import top_confidence
 from agent.loops.frames import Frame
 from agent.loops.keypoints import pose_agreement
-from agent.loops.pipeline import _Processing, build_processing, preprocess_frame
 from agent.loops.postprocess import Output, summarise
+from agent.loops.processing import Processing, build_processing, preprocess_frame
 from agent.loops.segment import map_agreement
 from agent.loops.stream_state import StreamState
 from agent.models.health import OutputWindow, box_f1, cosine, same_class
@@ -277,7 +277,7 @@ class ShadowEvaluator:
         self._distance = (0, None)
 
     def _evaluate(
-        self, loaded: LoadedModel, proc: _Processing, offer: _Offer, stream: StreamState | None
+        self, loaded: LoadedModel, proc: Processing, offer: _Offer, stream: StreamState | None
     ) -> float:
         """Compare one frame; the seconds it held the GIL (all but the invoke)."""
         start = time.perf_counter()
@@ -287,7 +287,7 @@ class ShadowEvaluator:
         values: list[np.ndarray] | None = None
         summary: Output | None = None
         try:
-            tensor, transform = preprocess_frame(proc, offer.frame)
+            tensor, context = preprocess_frame(proc, offer.frame)
             interpreter = loaded.interpreter
             interpreter.set_tensor(proc.input_index, tensor)
             if stream is not None:
@@ -300,7 +300,7 @@ class ShadowEvaluator:
             values = [interpreter.get_tensor(i) for i in proc.outputs]
             if not _finite(values):
                 raise ValueError("NaN/inf outputs")
-            candidate = proc.post(values, transform)
+            candidate = proc.post(values, context)
             score = agreement(offer.active, candidate)
             summary = candidate
             if score < DISAGREED and self._on_disagree is not None and offer.result is not None:

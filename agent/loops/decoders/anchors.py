@@ -21,25 +21,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from agent.loops.postprocess import Output
+from agent.loops.postprocess import FrameContext, Output
 from agent.loops.preprocess import Transform
-from agent.models.anchors_boxes import (
-    decode_boxes,
-    pairwise_iou,
-    sigmoid_scores,
-    weighted_nms,
-)
-from agent.models.anchors_grid import (
-    AnchorPair,
-    anchor_count,
-    anchor_outputs,
-    generate_anchors,
-)
+from agent.models.anchors_boxes import decode_boxes, sigmoid_scores, weighted_nms
+from agent.models.anchors_grid import AnchorPair, anchor_outputs, generate_anchors
 from agent.models.decoder_spec import AnchorsDecoder
 from agent.models.runtime import TensorInfo
 from agent.protocol import Detection, Keypoint
-
-__all__ = ["AnchorsDetector", "anchor_count", "generate_anchors", "pairwise_iou", "weighted_nms"]
 
 
 def _logit(p: float) -> float:
@@ -130,16 +118,12 @@ class AnchorsDetector:
             np.concatenate([f[3] for f in found]),
         )
 
-    def decode(self, anchors: np.ndarray, regs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes [M, 4] (x0, y0, x1, y1) and keypoints [M, K, 2], fractions of the input."""
-        return decode_boxes(self.spec, anchors, regs)
-
-    def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
+    def __call__(self, values: Sequence[np.ndarray], frame: FrameContext) -> Output:
         index, scores, classes, regs = self._candidates(values)
         if index.size == 0:
             return Output(detections=[], scores=np.zeros(0, np.float32))
-        boxes, points = self.decode(self.anchors[index], regs)
         spec = self.spec
+        boxes, points = decode_boxes(spec, self.anchors[index], regs)
         lead, merged, merged_points = weighted_nms(
             boxes, scores, spec.iou, spec.max_detections, points
         )
@@ -155,7 +139,7 @@ class AnchorsDetector:
         assert merged_points is not None
         return Output(
             detections=self._detections(
-                scores[lead], classes[lead], merged, merged_points, transform
+                scores[lead], classes[lead], merged, merged_points, frame.transform
             ),
             scores=counted.astype(np.float32),
         )

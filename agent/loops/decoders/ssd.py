@@ -8,8 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from agent.loops.decoders.nms import detections
-from agent.loops.postprocess import Output
-from agent.loops.preprocess import Transform
+from agent.loops.postprocess import FrameContext, Output
 from agent.models.health import detect_order
 from agent.models.runtime import TensorInfo
 
@@ -31,7 +30,7 @@ class SsdDetector:
         self.input_w, self.input_h = input_size
         self.threshold = threshold
 
-    def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
+    def __call__(self, values: Sequence[np.ndarray], frame: FrameContext) -> Output:
         ib, ic, isc, icount = self.order
         boxes = self.outputs[ib].dequantize(values[ib]).reshape(-1, 4)
         classes = self.outputs[ic].dequantize(values[ic]).reshape(-1)
@@ -44,6 +43,7 @@ class SsdDetector:
         b = boxes[keep]
         x0, y0 = b[:, 1] * self.input_w, b[:, 0] * self.input_h
         x1, y1 = b[:, 3] * self.input_w, b[:, 2] * self.input_h
+        transform = frame.transform
         if transform is not None:
             x0, y0 = transform.to_source(x0, y0)
             x1, y1 = transform.to_source(x1, y1)

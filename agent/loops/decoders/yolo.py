@@ -17,8 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from agent.loops.decoders.nms import detections, nms
-from agent.loops.postprocess import Output
-from agent.loops.preprocess import Transform
+from agent.loops.postprocess import FrameContext, Output
 from agent.models.decoder_spec import YoloDecoder
 from agent.models.detect_layout import yolo_expected, yolo_layout
 from agent.models.health import DETECT_THRESHOLD
@@ -89,7 +88,7 @@ class YoloDetector:
         keep = best >= self.floor
         return rows[keep, :4], best[keep], ids[keep]
 
-    def __call__(self, values: Sequence[np.ndarray], transform: Transform | None) -> Output:
+    def __call__(self, values: Sequence[np.ndarray], frame: FrameContext) -> Output:
         boxes, scores, ids = self._candidates(values[0])
         sure = np.flatnonzero(scores >= self.threshold)
         if sure.size == 0:
@@ -114,6 +113,7 @@ class YoloDetector:
         )
         xyxy = xyxy[kept]
         x0, y0, x1, y1 = xyxy[:, 0], xyxy[:, 1], xyxy[:, 2], xyxy[:, 3]
+        transform = frame.transform
         if transform is not None:
             x0, y0 = transform.to_source(x0, y0)
             x1, y1 = transform.to_source(x1, y1)
