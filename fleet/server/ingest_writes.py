@@ -1,10 +1,11 @@
 """What ingest writes for one batch, inside the caller's transaction.
 
-States update the inventory (``devices``, ``device_groups``, ``device_models``),
-open and close ``version_history`` rows and record ``events`` on transitions;
-replies become ``replies`` rows and are folded into their ``commands`` row;
-telemetry goes through ``telemetry_rollup``. Nothing here commits: ingest owns the
-transaction, so a batch is written whole or not at all.
+States update the inventory (``devices``, ``device_groups``, ``device_models``,
+``device_pipelines`` with their drift warnings), open and close ``version_history``
+rows and record ``events`` on transitions; replies become ``replies`` rows and are
+folded into their ``commands`` row; telemetry goes through ``telemetry_rollup``.
+Nothing here commits: ingest owns the transaction, so a batch is written whole or not
+at all.
 
 Every string that reaches a bounded column is cut to fit, and NUL characters
 (PostgreSQL refuses them in text) are replaced: a device's message must never make
@@ -24,7 +25,7 @@ from pydantic import BaseModel
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from agent.protocol import ModelState, Reply, ReplyCode, State
+from agent.protocol import ModelState, PipelineState, Reply, ReplyCode, State
 
 from .config import RetentionConfig
 from .db.schema import (
@@ -33,6 +34,7 @@ from .db.schema import (
     Device,
     DeviceGroup,
     DeviceModel,
+    DevicePipeline,
     Event,
     ReplyRecord,
     TelemetryMinute,
@@ -98,6 +100,7 @@ def write_states(session: Session, states: Sequence[tuple[State, float]]) -> Sta
     ids = sorted({s.device for s, _ in states})
     devices: dict[str, Device] = {}
     models: dict[str, dict[str, DeviceModel]] = defaultdict(dict)
+    pipelines: dict[str, dict[str, DevicePipeline]] = defaultdict(dict)
     groups: dict[str, dict[str, DeviceGroup]] = defaultdict(dict)
     history: dict[tuple[str, str], VersionHistory] = {}
     for part in _chunks(ids):
@@ -107,6 +110,9 @@ def write_states(session: Session, states: Sequence[tuple[State, float]]) -> Sta
         devices.update((d.id, d) for d in session.scalars(query))
         for m in session.scalars(select(DeviceModel).where(DeviceModel.device_id.in_(part))):
             models[m.device_id][m.model] = m
+        query_pipes = select(DevicePipeline).where(DevicePipeline.device_id.in_(part))
+        for p in session.scalars(query_pipes):
+            pipelines[p.device_id][p.pipeline] = p
         for g in session.scalars(select(DeviceGroup).where(DeviceGroup.device_id.in_(part))):
             groups[g.device_id][g.group] = g
         open_rows = select(VersionHistory).where(
@@ -127,6 +133,7 @@ def write_states(session: Session, states: Sequence[tuple[State, float]]) -> Sta
             outcome.ignored_old += 1
             continue
         _apply_state(session, device, state, received, models, groups, history, outcome)
+        _pipeline_rows(session, state, pipelines[state.device])
         outcome.applied += 1
     return outcome
 
@@ -220,6 +227,21 @@ def _apply_state(
         _model_events(m, row, event)
         _model_row(row, m)
         _version_history(session, dev, m, ts, history, event)
+
+
+def _pipeline_rows(session: Session, state: State, have: dict[str, DevicePipeline]) -> None:
+    """The device's pipelines as its state lists them (a name twice: the last wins)."""
+    listed: dict[str, PipelineState] = {p.name[:NAME]: p for p in state.pipelines}
+    for name in set(have) - set(listed):
+        session.delete(have.pop(name))
+    for name, p in listed.items():
+        row = have.get(name)
+        if row is None:
+            row = have[name] = DevicePipeline(device_id=state.device, pipeline=name)
+            session.add(row)
+        row.model = text(p.model, NAME)
+        row.status = p.status
+        row.drift = text(p.drift) or None
 
 
 def _model_row(row: DeviceModel, m: ModelState) -> None:

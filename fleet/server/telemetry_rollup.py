@@ -50,6 +50,7 @@ _MAXIMA = (
     "temperature_c_max",
     "outbox_dropped",
     "outbox_depth_max",
+    "drift_max",
 )
 
 
@@ -86,6 +87,7 @@ class Minute:
     dropped: int = 0
     source_failures: int = 0
     source_state: str | None = None
+    drift_max: float | None = None
     cpu_sum: float = 0.0
     mem_rss_mb_max: float | None = None
     temperature_c_max: float | None = None
@@ -108,6 +110,7 @@ class Minute:
         self.dropped = max(self.dropped, figures.dropped)
         self.source_failures = max(self.source_failures, figures.source_failures)
         self.source_state = figures.source_state[:SOURCE_STATE_LEN]
+        self.drift_max = _larger(self.drift_max, finite(figures.drift))
 
     def add_device(self, telemetry: Telemetry) -> None:
         pipes = list(telemetry.pipelines.values())
@@ -121,6 +124,9 @@ class Minute:
         self.errors = max(self.errors, sum(p.errors for p in pipes))
         self.dropped = max(self.dropped, sum(p.dropped for p in pipes))
         self.source_failures = max(self.source_failures, sum(p.source_failures for p in pipes))
+        # The device-wide row's drift is its most drifted pipeline's.
+        for p in pipes:
+            self.drift_max = _larger(self.drift_max, finite(p.drift))
         self.cpu_sum += finite(telemetry.cpu_percent) or 0.0
         self.mem_rss_mb_max = _larger(self.mem_rss_mb_max, finite(telemetry.mem_rss_mb))
         self.temperature_c_max = _larger(self.temperature_c_max, finite(telemetry.temperature_c))

@@ -40,7 +40,9 @@ def state(
     message: str | None = None,
     since: float = T0 - 100,
     thread_deaths: int = 0,
+    pipelines: dict[str, str | None] | None = None,
 ) -> StateEvent:
+    """``pipelines``: name -> drift warning (default: ``cam``, no warning)."""
     model = ModelState(
         name="digits",
         active=version,
@@ -57,7 +59,10 @@ def state(
             agent_version="0.9.0",
             runtime=RuntimeInfo(name="ai_edge_litert", version="2.3.0"),
             models=[model],
-            pipelines=[PipelineState(name="cam", model="digits", status="running")],
+            pipelines=[
+                PipelineState(name=name, model="digits", status="running", drift=drift)
+                for name, drift in (pipelines if pipelines is not None else {"cam": None}).items()
+            ],
             groups=list(groups),
             thread_deaths=thread_deaths,
             since=since,
@@ -68,7 +73,13 @@ def state(
 
 
 def telemetry(
-    device: str, seq: int, ts: float, *, fps: float = 10.0, p95: float = 4.0
+    device: str,
+    seq: int,
+    ts: float,
+    *,
+    fps: float = 10.0,
+    p95: float = 4.0,
+    drift: float | None = 0.05,
 ) -> TelemetryEvent:
     return TelemetryEvent(
         device,
@@ -90,7 +101,7 @@ def telemetry(
                     errors=seq,
                     source_state="open",
                     stages={"wait": StageLatency(p50=1.0, p95=2.0)},
-                    drift=0.05,
+                    drift=drift,
                     confidence=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
                 ),
                 "door": PipelineTelemetry(fps=1.0, invoke_ms_p95=p95 * 2, source_state="open"),

@@ -21,6 +21,7 @@ from fleet.server.db.schema import (
     AuditEntry,
     BundleRecord,
     CommandRecord,
+    DevicePipeline,
     Event,
     ReplyRecord,
     Rollout,
@@ -330,9 +331,12 @@ def test_telemetry_series_per_minute_and_coarser(api: ApiServer) -> None:
                     wait_p95_sum=2.0, preprocess_p95_sum=4.0, postprocess_p95_sum=1.0,
                     latency_samples=2, errors=minute - 100, dropped=1,
                     temperature_c_max=61.0,
+                    drift_max=None if minute == 100 else (minute - 100) / 100,
                 )
             )  # fmt: skip
-        s.add(TelemetryMinute(device_id="cam-1", pipeline="door", minute=100, samples=1, fps_sum=7))
+        s.add(TelemetryMinute(
+            device_id="cam-1", pipeline="door", minute=100, samples=1, fps_sum=7, drift_max=0.3
+        ))  # fmt: skip
     q = "/api/devices/cam-1/telemetry?since=6000&until=6599"
     points = api.request("GET", q, token=api.reader).json()["points"]
     assert len(points) == 10
@@ -349,6 +353,7 @@ def test_telemetry_series_per_minute_and_coarser(api: ApiServer) -> None:
         "dropped": 1,
         "source_state": None,
         "source_failures": 0,
+        "drift_max": None,  # no figure in that minute stays no figure
         "cpu_percent": 0.0,
         "mem_rss_mb_max": None,
         "temperature_c_max": 61.0,
@@ -357,13 +362,14 @@ def test_telemetry_series_per_minute_and_coarser(api: ApiServer) -> None:
     }
     coarse = api.request("GET", q + "&step=300", token=api.reader).json()["points"]
     assert [
-        (p["ts"], p["samples"], p["fps"], p["invoke_p95_max_ms"], p["errors"]) for p in coarse
+        (p["ts"], p["samples"], p["fps"], p["invoke_p95_max_ms"], p["errors"], p["drift_max"])
+        for p in coarse
     ] == [
-        (6000, 10, 102.0, 16.0, 4),
-        (6300, 10, 107.0, 16.0, 9),
+        (6000, 10, 102.0, 16.0, 4, 0.04),
+        (6300, 10, 107.0, 16.0, 9, 0.09),
     ]
     door = api.request("GET", q + "&pipeline=door", token=api.reader).json()["points"]
-    assert [(p["ts"], p["fps"]) for p in door] == [(6000, 7.0)]
+    assert [(p["ts"], p["fps"], p["drift_max"]) for p in door] == [(6000, 7.0, 0.3)]
     assert "cpu_percent" not in door[0]
     bad = api.request("GET", q + "&step=90", token=api.reader)
     assert bad.status == 422 and bad.detail.startswith("query.step:")
@@ -454,6 +460,9 @@ def test_commands_need_the_mqtt_link(database: Database, tmp_path: Path) -> None
 def test_health_and_metrics(api: ApiServer) -> None:
     add_device(api.database, "cam-1", status="ok")
     add_device(api.database, "cam-2", status="degraded", online=False)
+    with api.database.session() as s:
+        s.add(DevicePipeline(device_id="cam-1", pipeline="door", status="running", drift="PSI"))
+        s.add(DevicePipeline(device_id="cam-2", pipeline="door", status="running", drift=None))
     health = api.request("GET", "/healthz")
     assert health.status == 200
     assert health.json() == {
@@ -468,6 +477,7 @@ def test_health_and_metrics(api: ApiServer) -> None:
     assert 'edge_fleet_devices{status="degraded"} 1.0' in text
     assert 'edge_fleet_devices{status="offline"} 0.0' in text
     assert "edge_fleet_devices_online 1.0" in text
+    assert "edge_fleet_pipelines_drifting 1.0" in text  # fleet-wide: no device label
     assert 'edge_fleet_rollouts{state="running"} 0.0' in text
     assert "edge_fleet_ingest_msgs_per_s 12.5" in text
     assert "not a number" not in text

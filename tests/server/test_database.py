@@ -15,7 +15,15 @@ from sqlalchemy import inspect, text
 
 from fleet.server.db import Database, DatabaseError
 from fleet.server.db.database import MIGRATIONS
-from fleet.server.db.schema import Base, Desired, Device, Rollout, RolloutDevice
+from fleet.server.db.schema import (
+    Base,
+    Desired,
+    Device,
+    DevicePipeline,
+    Rollout,
+    RolloutDevice,
+    TelemetryMinute,
+)
 from tests.server.conftest import PostgresServer
 from tests.server.server_support import wait_until
 
@@ -94,6 +102,9 @@ def test_processes_migrating_one_fresh_database_at_once_all_succeed(
         database.close()
 
 
+HEAD = "0003"
+
+
 def migrate_to(database: Database, revision: str) -> None:
     """The schema as the server of ``revision`` made it (``Database.migrate``'s way)."""
     config = Config()
@@ -130,7 +141,7 @@ def test_the_health_checks_migration_upgrades_a_0001_database_with_its_rows(
                 c.execute(text(statement))
         database.migrate()
         with database.engine.connect() as c:
-            assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+            assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == HEAD
         with database.session() as s:
             rollout = s.get(Rollout, "r-1")
             assert rollout is not None and rollout.plan == {"waves": 1, "wave_count": 1}
@@ -147,5 +158,54 @@ def test_the_health_checks_migration_upgrades_a_0001_database_with_its_rows(
         with database.session() as s:
             again = s.get(Rollout, "r-1")
             assert again is not None and (again.shadow, again.min_agreement) == (False, 0.75)
+    finally:
+        database.close()
+
+
+# A device whose retained state carries a drift warning on one of its pipelines (one
+# pipeline malformed, as no agent sends it), and a minute of its telemetry, as a 0002
+# server wrote them.
+STATE_0002 = (
+    '{"device": "pi-a", "online": true, "pipelines": ['
+    '{"name": "door", "model": "digits", "status": "running", "drift": "PSI 0.41 over 0.25"},'
+    ' {"name": "hall", "status": "stopped"}, {"status": "running"}]}'
+)
+ROWS_0002 = [
+    "INSERT INTO devices (id, first_seen, last_seen, online, status, groups, state)"
+    f" VALUES ('pi-a', 1.0, 2.0, true, 'ok', '[]', '{STATE_0002}')",
+    "INSERT INTO devices (id, first_seen, last_seen, online, status, groups, state)"
+    " VALUES ('pi-b', 1.0, 2.0, false, 'offline', '[]', NULL)",
+    "INSERT INTO telemetry_minutes (device_id, pipeline, minute, samples, fps_sum,"
+    " invoke_p95_sum, wait_p95_sum, preprocess_p95_sum, postprocess_p95_sum,"
+    " latency_samples, errors, dropped, source_failures, cpu_sum, outbox_dropped,"
+    " outbox_depth_max) VALUES ('pi-a', 'door', 100, 3, 30.0, 12.0, 0, 0, 0, 3, 0, 0, 0,"
+    " 0, 0, 0)",
+]
+
+
+def test_the_drift_migration_upgrades_a_0002_database_with_its_rows(db_url: str) -> None:
+    """0003 adds drift_max to the telemetry minutes (null in the minutes before it) and
+    fills device_pipelines from the stored states, drift warnings included."""
+    database = Database(db_url)
+    try:
+        migrate_to(database, "0002")
+        with database.engine.begin() as c:
+            for statement in ROWS_0002:
+                c.execute(text(statement))
+        database.migrate()
+        with database.engine.connect() as c:
+            assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == HEAD
+        with database.session() as s:
+            minute = s.get(TelemetryMinute, ("pi-a", "door", 100))
+            assert minute is not None and (minute.samples, minute.drift_max) == (3, None)
+            rows = s.query(DevicePipeline).order_by(DevicePipeline.pipeline).all()
+            assert [(r.device_id, r.pipeline, r.model, r.status, r.drift) for r in rows] == [
+                ("pi-a", "door", "digits", "running", "PSI 0.41 over 0.25"),
+                ("pi-a", "hall", None, "stopped", None),
+            ]
+            minute.drift_max = 0.2
+        with database.session() as s:
+            again = s.get(TelemetryMinute, ("pi-a", "door", 100))
+            assert again is not None and again.drift_max == 0.2
     finally:
         database.close()

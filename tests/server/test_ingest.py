@@ -26,6 +26,7 @@ from fleet.server.db.schema import (
     Device,
     DeviceGroup,
     DeviceModel,
+    DevicePipeline,
     ReplyRecord,
     TelemetryMinute,
     VersionHistory,
@@ -195,6 +196,51 @@ def test_telemetry_is_summed_per_device_pipeline_and_minute(database: Database) 
     feed(ingest, events, telemetry("pi-1", 6, T0 + 30))
     assert device(database, "pi-1").telemetry_ts == T0 + 61
     assert ingest.figures()["written"] == {"telemetry": 6}
+
+
+def test_drift_is_kept_as_the_largest_of_each_minute_and_null_stays_null(
+    database: Database,
+) -> None:
+    ingest, events = make(database)
+    feed(ingest, events, telemetry("pi-1", 1, T0, drift=0.1), telemetry("pi-1", 2, T0 + 1))
+    # Another batch into the same minute: the upsert keeps the larger figure.
+    feed(ingest, events, telemetry("pi-1", 3, T0 + 2, drift=0.3), telemetry("pi-1", 4, T0 + 3))
+    # A minute with no figure at all (no reference on the device).
+    feed(ingest, events, telemetry("pi-1", 5, T0 + 61, drift=None))
+    with database.session() as s:
+        cam = s.get(TelemetryMinute, ("pi-1", "cam", MINUTE))
+        door = s.get(TelemetryMinute, ("pi-1", "door", MINUTE))
+        wide = s.get(TelemetryMinute, ("pi-1", "", MINUTE))
+        later_cam = s.get(TelemetryMinute, ("pi-1", "cam", MINUTE + 1))
+        later_wide = s.get(TelemetryMinute, ("pi-1", "", MINUTE + 1))
+    assert cam is not None and door is not None and wide is not None
+    assert later_cam is not None and later_wide is not None
+    assert cam.drift_max == pytest.approx(0.3)
+    assert wide.drift_max == pytest.approx(0.3)  # the most drifted pipeline
+    assert door.drift_max is None  # door never reports drift
+    assert later_cam.drift_max is None and later_wide.drift_max is None
+
+
+def pipeline_drift(database: Database, device_id: str) -> dict[str, str | None]:
+    with database.session() as s:
+        rows = s.scalars(select(DevicePipeline).where(DevicePipeline.device_id == device_id))
+        return {r.pipeline: r.drift for r in rows}
+
+
+def test_the_drift_warning_of_each_pipeline_follows_the_state(database: Database) -> None:
+    ingest, events = make(database)
+    warning = "PSI 0.41 over 0.25 since 12:00:03 (classes 3, 8)"
+    feed(ingest, events, state("pi-1", T0, pipelines={"cam": warning, "door": None}))
+    assert pipeline_drift(database, "pi-1") == {"cam": warning, "door": None}
+    with database.session() as s:
+        row = s.get(DevicePipeline, ("pi-1", "cam"))
+        assert row is not None and (row.model, row.status) == ("digits", "running")
+    # The warning clears; a pipeline the state no longer lists goes.
+    feed(ingest, events, state("pi-1", T0 + 10, pipelines={"cam": None}))
+    assert pipeline_drift(database, "pi-1") == {"cam": None}
+    # An older state (a retained replay) changes nothing.
+    feed(ingest, events, state("pi-1", T0 + 5, pipelines={"door": "old"}))
+    assert pipeline_drift(database, "pi-1") == {"cam": None}
 
 
 # ------------------------------------------------------------------ replies

@@ -33,6 +33,7 @@ from fleet.server.db.schema import (
     CommandRecord,
     Device,
     DeviceModel,
+    DevicePipeline,
     ReplyRecord,
     Rollout,
     RolloutDevice,
@@ -476,6 +477,51 @@ def test_overview_lists_problems_worst_first(api: ApiServer) -> None:
     ]
     assert "rose from 10.0 to 40.0 ms" in doc.one("li", data_device="slow")
     assert "45 outbox message(s) dropped" in doc.one("li", data_device="drops")
+
+
+WARNING = '<script>alert("x")</script> PSI 0.41 over 0.25 since 12:00:03'
+
+
+def drifting_fleet(api: ApiServer, warning: str = WARNING) -> None:
+    """``drifting`` (its door pipeline carries ``warning``) and ``fine``, as ingest
+    leaves them."""
+    for name in ("drifting", "fine"):
+        add_device(api.database, name, models={"digits": "2"}, last_seen=time.time())
+    with api.database.session() as s:
+        for name, drift in (("drifting", warning), ("fine", None)):
+            s.add(DevicePipeline(device_id=name, pipeline="door", status="running", drift=drift))
+            row = s.get(Device, name)
+            assert row is not None and row.state is not None
+            pipes = [{"name": "door", "model": "digits", "status": "running"}]
+            if drift:
+                pipes[0]["drift"] = drift
+            row.state = {**row.state, "pipelines": pipes}
+            row.telemetry = {"pipelines": {"door": {"fps": 5.0, "drift": 0.41 if drift else None}}}
+
+
+def test_the_overview_lists_devices_whose_pipelines_drift(api: ApiServer) -> None:
+    drifting_fleet(api)
+    doc = page(api, "/", api.reader)
+    listed = [(a["data-device"], a["class"]) for a, _ in doc.all("li", data_device=None)]
+    assert listed == [("drifting", "problem-drift")]
+    assert doc.one("li", data_device="drifting").startswith("drifting drift: door: <script>")
+    overview = get(api, "/ui/fragments/overview", api.reader).body.decode()
+    assert "<script>alert" not in overview and "drift: door: &lt;script&gt;" in overview
+
+
+def test_the_device_page_shows_the_drift_warning_escaped_and_a_drift_chart(
+    api: ApiServer,
+) -> None:
+    drifting_fleet(api)
+    answer = get(api, "/devices/drifting", api.reader)
+    body = answer.body.decode()
+    assert "<script>alert" not in body and "&lt;script&gt;alert(&#34;x&#34;)" in body
+    doc = Doc(body)
+    assert doc.one("td", data_testid="drift-warning") == WARNING
+    assert doc.one("td", class_="num drift") == "0.41"
+    assert doc.all(data_testid="chart-drift", data_chart="drift")
+    doc = page(api, "/devices/fine", api.reader)
+    assert doc.one("td", data_testid="drift-warning") == ""
 
 
 def test_a_fragment_returns_rows(api: ApiServer) -> None:

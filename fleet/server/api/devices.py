@@ -364,6 +364,7 @@ def telemetry_points(minutes: Any, step: int, device_wide: bool) -> list[dict[st
         samples = sum(r.samples for r in rows)
         lat = sum(r.latency_samples for r in rows)
         maxima = [r.invoke_p95_max for r in rows if r.invoke_p95_max is not None]
+        drifts = [r.drift_max for r in rows if r.drift_max is not None]
 
         def mean(attr: str, count: int, rows: list[TelemetryMinute] = rows) -> float | None:
             return round(sum(getattr(r, attr) for r in rows) / count, 3) if count else None
@@ -382,6 +383,8 @@ def telemetry_points(minutes: Any, step: int, device_wide: bool) -> list[dict[st
                 "dropped": max(r.dropped for r in rows),
                 "source_state": rows[-1].source_state,
                 "source_failures": max(r.source_failures for r in rows),
+                # PSI, the largest in the bucket (the device-wide series: of any pipeline).
+                "drift_max": max(drifts) if drifts else None,
             }
         )
         if device_wide:

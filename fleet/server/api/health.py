@@ -2,7 +2,9 @@
 
 Metrics are collected at scrape time into a registry of this app's own (not the
 process-wide default one, so two apps in one process never mix): devices by
-status and rollouts by state from the database, and the running parts' figures
+status, device pipelines with a drift warning and rollouts by state from the
+database (fleet-wide counts: no per-device labels, so the series stay few whatever
+the fleet's size), and the running parts' figures
 (``ctx.figures()``: ingest rate, reconcile lag, ...) as gauges.
 """
 
@@ -24,7 +26,7 @@ from sqlalchemy import func, select
 
 from ..context import ServerContext
 from ..db import DatabaseError
-from ..db.schema import Device, Rollout
+from ..db.schema import Device, DevicePipeline, Rollout
 from .deps import Ctx
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class FleetCollector(Collector):
                 s.execute(select(Rollout.state, func.count()).group_by(Rollout.state)).all()
             )
             online = s.scalar(select(func.count()).where(Device.online.is_(True))) or 0
+            drifting = s.scalar(select(func.count()).where(DevicePipeline.drift.is_not(None))) or 0
         devices = GaugeMetricFamily(
             "edge_fleet_devices", "Devices known to the server, by status", labels=["status"]
         )
@@ -78,6 +81,11 @@ class FleetCollector(Collector):
             devices.add_metric([status], by_status.get(status, 0))
         yield devices
         yield GaugeMetricFamily("edge_fleet_devices_online", "Devices online", value=online)
+        yield GaugeMetricFamily(
+            "edge_fleet_pipelines_drifting",
+            "Device pipelines whose state carries a drift warning",
+            value=drifting,
+        )
         rollouts = GaugeMetricFamily("edge_fleet_rollouts", "Rollouts, by state", labels=["state"])
         for state in sorted(set(ROLLOUT_STATES) | set(by_state)):
             rollouts.add_metric([state], by_state.get(state, 0))

@@ -5,7 +5,8 @@ dashboard make is served by an index declared here. The server keeps no state
 outside these tables and the broker: any process against the same database can
 take over.
 
-Owners: ingest writes devices, device_groups, device_models, version_history,
+Owners: ingest writes devices, device_groups, device_models, device_pipelines,
+version_history,
 telemetry_minutes, replies and events, and a command's reply fields; the
 reconciler (one active at a time, holding the ``reconciler`` lease) writes rollout
 progress and sends commands; the API writes bundles, desired state, rollouts it
@@ -94,6 +95,24 @@ class DeviceModel(Base):
     message: Mapped[str | None] = mapped_column(Text)
 
 
+class DevicePipeline(Base):
+    """One pipeline on one device, from its retained state: kept apart from
+    ``devices.state`` so that the overview finds drifting pipelines with a query."""
+
+    __tablename__ = "device_pipelines"
+
+    device_id: Mapped[str] = mapped_column(
+        String(ID), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    pipeline: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    model: Mapped[str | None] = mapped_column(String(NAME))
+    # running | degraded | stopped (agent.protocol.PipelineState)
+    status: Mapped[str] = mapped_column(String(16))
+    # The state's drift warning (device-sent text, at most 500 characters), null when
+    # the outputs are within the threshold.
+    drift: Mapped[str | None] = mapped_column(Text, index=True)
+
+
 class VersionHistory(Base):
     """Which version of a model a device served, from when until when."""
 
@@ -135,6 +154,10 @@ class TelemetryMinute(Base):
     dropped: Mapped[int] = mapped_column(Integer, default=0)
     source_failures: Mapped[int] = mapped_column(Integer, default=0)
     source_state: Mapped[str | None] = mapped_column(String(32))
+    # The largest drift (PSI) reported in the minute; null when none was (no reference).
+    # The largest, not the mean: a minute that crossed the threshold shows it, and a
+    # maximum folds into the upsert without a count beside it.
+    drift_max: Mapped[float | None] = mapped_column(Float)
     # Device-wide row only.
     cpu_sum: Mapped[float] = mapped_column(Float, default=0.0)
     mem_rss_mb_max: Mapped[float | None] = mapped_column(Float)

@@ -15,7 +15,14 @@ from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from ..api.deps import Ctx
-from ..db.schema import Device, DeviceModel, Rollout, RolloutDevice, TelemetryMinute
+from ..db.schema import (
+    Device,
+    DeviceModel,
+    DevicePipeline,
+    Rollout,
+    RolloutDevice,
+    TelemetryMinute,
+)
 from ..rollouts import SETTLED, UNFINISHED, status_counts
 from .auth import PageActor
 from .render import ago, render
@@ -23,6 +30,8 @@ from .render import ago, render
 router = APIRouter()
 
 MAX_PROBLEMS = 25
+# A drift warning is device-sent text (up to 500 characters): the list shows its start.
+DRIFT_TEXT = 120
 # Telemetry looked at for problems: failures and drops that grew in the last
 # WINDOW_MIN minutes; p95 "rising" when the last RECENT_MIN minutes' mean is RISE
 # times the mean of the minutes before them.
@@ -36,7 +45,7 @@ TELEMETRY_TTL_S = 10.0
 @dataclass(frozen=True)
 class Problem:
     device: str
-    kind: str  # offline | probation | source | outbox | latency
+    kind: str  # offline | probation | drift | source | outbox | latency
     text: str
 
 
@@ -112,8 +121,8 @@ class Recent:
 
 
 def problems(s: Session, now: float, recent: Recent | None = None) -> list[Problem]:
-    """Offline longest first, then probation failures, source failures, outbox drops,
-    rising p95; each device once, at most MAX_PROBLEMS."""
+    """Offline longest first, then probation failures, drift warnings, source failures,
+    outbox drops, rising p95; each device once, at most MAX_PROBLEMS."""
     found: dict[str, Problem] = {}
 
     def add(device: str, kind: str, text: str) -> None:
@@ -134,6 +143,8 @@ def problems(s: Session, now: float, recent: Recent | None = None) -> list[Probl
         .limit(MAX_PROBLEMS)
     ):
         add(device, "probation", f"{model}: {message}")
+    for device, text in drift_problems(s):
+        add(device, "drift", text)
 
     def scan() -> list[tuple[str, str, str]]:
         return telemetry_problems(s, now)
@@ -141,6 +152,27 @@ def problems(s: Session, now: float, recent: Recent | None = None) -> list[Probl
     for device, kind, text in scan() if recent is None else recent.get(now, scan):
         add(device, kind, text)
     return list(found.values())
+
+
+def drift_problems(s: Session) -> list[tuple[str, str]]:
+    """(device, "drift: <pipeline>[, <pipeline>]: <first warning>") for each device
+    whose retained state carries a drift warning, by device id."""
+    rows = s.execute(
+        select(DevicePipeline.device_id, DevicePipeline.pipeline, DevicePipeline.drift)
+        .where(DevicePipeline.drift.is_not(None))
+        .order_by(DevicePipeline.device_id, DevicePipeline.pipeline)
+        .limit(4 * MAX_PROBLEMS)
+    ).all()
+    per: dict[str, list[tuple[str, str]]] = {}
+    for device, pipeline, warning in rows:
+        per.setdefault(device, []).append((pipeline, warning or ""))
+    out = []
+    for device, found in per.items():
+        names = ", ".join(p for p, _ in found)
+        warning = found[0][1]
+        cut = warning if len(warning) <= DRIFT_TEXT else warning[: DRIFT_TEXT - 1] + "…"
+        out.append((device, f"drift: {names}: {cut}"))
+    return out
 
 
 def telemetry_problems(s: Session, now: float) -> list[tuple[str, str, str]]:

@@ -55,6 +55,7 @@
       ["errors", "errors", "#dc2626"],
       ["dropped", "dropped", "#ea580c"],
     ],
+    drift: [["drift (PSI)", "drift_max", "#0d9488"]],
   };
   const REFRESH_MS = 60000;
   const section = document.querySelector(".charts[data-device]");
