@@ -24,6 +24,7 @@ from tests.fleet_support import REPO, make_keys
 from tests.mqtt_support import Broker, free_port
 from tests.server.api_support import ApiServer
 from tests.server.conftest import PostgresServer
+from tests.server.test_database import HEAD
 
 EXAMPLE = REPO / "configs" / "fleet-server.example.yaml"
 
@@ -122,7 +123,7 @@ def test_migrate_makes_the_newest_schema_on_an_empty_database(db_url: str) -> No
             tables = set(inspect(c).get_table_names())
             assert tables == set(Base.metadata.tables) | {"alembic_version"}
             assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [
-                "0002"
+                HEAD
             ]
     finally:
         engine.dispose()
