@@ -3,6 +3,11 @@ suppression, and the scores its drift statistics count: in one place for the age
 decoder (``agent/loops/decoders/anchors.py``) and the converter's reference statistics,
 so both count the same boxes.
 
+Decoded anchors are *rows* ``[M, 4 + 2K]``: the box (x0, y0, x1, y1) then K keypoints
+(x, y), so suppression averages a box and its keypoints in one matrix product. A frame
+has a handful of candidates, so each function here is a few whole-array numpy steps:
+at that size the number of numpy calls, not the arithmetic, is the cost.
+
 Pure: numpy only, no runtime.
 """
 
@@ -18,13 +23,72 @@ from agent.models.decoder_spec import AnchorsDecoder
 
 def pairwise_iou(boxes: np.ndarray) -> np.ndarray:
     """IoU of every pair of ``boxes`` [M, 4] (x0, y0, x1, y1) as [M, M]; 0 for empty unions."""
-    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    w = np.maximum(np.minimum.outer(x1, x1) - np.maximum.outer(x0, x0), 0)
-    h = np.maximum(np.minimum.outer(y1, y1) - np.maximum.outer(y0, y0), 0)
-    inter = w * h
-    areas = np.maximum(x1 - x0, 0) * np.maximum(y1 - y0, 0)
-    union = areas[:, None] + areas[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    lo = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    wh = np.minimum(boxes[:, None, 2:4], boxes[None, :, 2:4])
+    wh -= lo
+    np.maximum(wh, 0, out=wh)
+    inter = wh[..., 0] * wh[..., 1]
+    size = np.maximum(boxes[:, 2:4] - boxes[:, :2], 0)
+    areas = size[:, 0] * size[:, 1]
+    union = areas[:, None] + areas
+    union -= inter
+    # In place: where a union is empty so is the intersection, already the 0 wanted.
+    return np.divide(inter, union, out=inter, where=union > 0)
+
+
+def _groups(ranked: np.ndarray, iou: float, max_detections: int) -> tuple[list[int], np.ndarray]:
+    """Greedy grouping of ``ranked`` boxes [M, 4] (best first): each leader is the best
+    box no earlier leader took, its group every box still free overlapping it by more
+    than ``iou``, itself included. Returns the leaders' positions and their groups as
+    [L, M] booleans. The loop runs once per leader, not once per box."""
+    m = ranked.shape[0]
+    overlaps = pairwise_iou(ranked) > iou
+    free = np.ones(m, dtype=bool)
+    groups = np.empty((min(m, max_detections), m), dtype=bool)
+    leaders: list[int] = []
+    i = 0
+    while True:
+        members = np.logical_and(overlaps[i], free, out=groups[len(leaders)])
+        members[i] = True  # a degenerate box still stands for itself
+        free ^= members  # members were all free
+        leaders.append(i)
+        if len(leaders) >= max_detections or not free.any():
+            return leaders, groups[: len(leaders)]
+        i = int(free.argmax())  # the first free box is the best left
+
+
+def weighted_leaders(
+    boxes: np.ndarray, scores: np.ndarray, iou: float, max_detections: int
+) -> np.ndarray:
+    """The indices of the boxes ``weighted_merge`` keeps, best first, without merging."""
+    if scores.size <= 1:
+        return np.arange(scores.size, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
+    leaders, _ = _groups(boxes[order].astype(np.float64, copy=False), iou, max_detections)
+    return order[leaders]
+
+
+def weighted_merge(
+    rows: np.ndarray, scores: np.ndarray, iou: float, max_detections: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """MediaPipe's weighted non-maximum suppression over ``rows`` [M, 4 + W] (a box, then
+    anything averaged along with it, e.g. keypoints): best box first, every remaining box
+    overlapping it by more than ``iou`` (itself included) averaged into it by score.
+    Returns the leaders' indices (best first) and their averaged rows [L, 4 + W]."""
+    if scores.size <= 1:  # the usual frame: one face, one anchor over min_score
+        return np.arange(scores.size, dtype=np.int64), rows.astype(np.float64)
+    order = np.argsort(-scores, kind="stable")
+    ranked = rows[order].astype(np.float64, copy=False)
+    ranked_scores = scores[order].astype(np.float64, copy=False)
+    leaders, groups = _groups(ranked[:, :4], iou, max_detections)
+    weights = groups * ranked_scores
+    totals = np.add.reduce(weights, axis=1, keepdims=True)
+    if ranked_scores[-1] <= 0:  # some zero (or negative) scores: maybe a zero total
+        lone = totals[:, 0] <= 0
+        weights[lone] = np.eye(order.size)[np.asarray(leaders)[lone]]  # the leader's own
+        totals[lone] = 1.0
+    weights /= totals
+    return order[leaders], weights @ ranked
 
 
 def weighted_nms(
@@ -34,41 +98,34 @@ def weighted_nms(
     max_detections: int,
     points: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """MediaPipe's weighted non-maximum suppression: best box first, every remaining box
-    overlapping it by more than ``iou`` (itself included) averaged into it by score.
-    Returns the leaders' indices, their averaged boxes [L, 4] and points [L, K, 2].
+    """``weighted_merge`` of ``boxes`` [M, 4] and their ``points`` [M, K, 2]: the leaders'
+    indices, their averaged boxes [L, 4] and points [L, K, 2]."""
+    if points is None:
+        lead, merged = weighted_merge(boxes, scores, iou, max_detections)
+        return lead, merged, None
+    k = points.shape[1]
+    rows = np.concatenate([boxes, points.reshape(-1, 2 * k)], axis=1)
+    lead, merged = weighted_merge(rows, scores, iou, max_detections)
+    return lead, merged[:, :4], merged[:, 4:].reshape(-1, k, 2)
 
-    The overlaps are one [M, M] matrix (M: the few candidates over ``min_score``), so
-    the loop over leaders only picks rows; the averages are one matrix product."""
-    if scores.size == 1:  # the usual frame: one face, one anchor over min_score
-        return np.zeros(1, np.int64), boxes.astype(np.float64), points
-    order = np.argsort(-scores, kind="stable")
-    overlaps = pairwise_iou(boxes[order].astype(np.float64)) > iou
-    np.fill_diagonal(overlaps, True)  # a degenerate box still stands for itself
-    alive = np.ones(order.size, dtype=bool)
-    leaders: list[int] = []
-    groups: list[np.ndarray] = []
-    for i in range(order.size):
-        if not alive[i]:
-            continue
-        members = overlaps[i] & alive
-        alive &= ~members
-        leaders.append(i)
-        groups.append(members)
-        if len(leaders) >= max_detections:
-            break
-    k = points.shape[1] if points is not None else 0
-    if not leaders:
-        empty_points = np.zeros((0, k, 2)) if points is not None else None
-        return np.zeros(0, np.int64), np.zeros((0, 4)), empty_points
-    weights = np.stack(groups) * scores[order][None, :].astype(np.float64)
-    totals = weights.sum(axis=1, keepdims=True)
-    lone = totals[:, 0] <= 0  # zero scores: the leader's own box
-    weights[lone] = np.eye(order.size)[np.asarray(leaders)[lone]]
-    weights /= weights.sum(axis=1, keepdims=True)
-    merged = weights @ boxes[order]
-    merged_points = np.einsum("lm,mkc->lkc", weights, points[order]) if points is not None else None
-    return order[leaders].astype(np.int64), merged, merged_points
+
+def centre_rows(anchors: np.ndarray, keypoints: int) -> np.ndarray:
+    """Each anchor's centre once per (x, y) of a row [N, 4 + 2K]: what ``decode_rows``
+    adds to the regressors."""
+    return np.tile(anchors[:, :2], 2 + keypoints)
+
+
+def decode_rows(centres: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Rows [M, 4 + 2K] (box x0, y0, x1, y1, then keypoints' x, y), fractions of the
+    input, of anchors of size 1 (``generate_anchors`` makes no other: MediaPipe's
+    fixed_anchor_size) from their ``centre_rows`` [M, 4 + 2K] and their regressors
+    over the box scale ``r`` [M, 4 + 2K] float64. The same floats as ``decode_boxes``
+    (a size of 1 multiplies exactly)."""
+    rows = r + centres  # box centre, keypoints; columns 2:4 overwritten next
+    half = r[:, 2:4] / 2
+    np.add(rows[:, :2], half, out=rows[:, 2:4])
+    rows[:, :2] -= half
+    return rows
 
 
 def decode_boxes(
@@ -117,5 +174,5 @@ def anchors_candidate_scores(
     scores = np.concatenate([f[1] for f in found])
     classes = np.concatenate([f[2] for f in found])
     boxes, _ = decode_boxes(spec, anchors[index], np.concatenate([f[3] for f in found]))
-    lead, _, _ = weighted_nms(boxes, scores, spec.iou, spec.max_detections)
+    lead = weighted_leaders(boxes, scores, spec.iou, spec.max_detections)
     return scores[lead], classes[lead]
