@@ -43,6 +43,7 @@ from converter.torch_source import (
     check_torch_quantization,
     check_torch_source,
     convert_torch,
+    is_factory,
     is_torch_source,
     load_torch_source,
 )
@@ -176,8 +177,7 @@ def _convert(
 
 def _default_name(model: Path) -> str:
     """The file's stem; for ``module:factory``, the factory's name."""
-    text = str(model)
-    return text.rpartition(":")[2] if ":" in text and not model.exists() else model.stem
+    return str(model).rpartition(":")[2] if is_factory(model) else model.stem
 
 
 def summary(

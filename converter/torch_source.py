@@ -54,17 +54,19 @@ INSTALL_HINT = (
 )
 
 
+def is_factory(path: Path) -> bool:
+    """Whether ``path`` is a ``module:factory`` (and not a file of that name)."""
+    return FACTORY.match(str(path)) is not None and not path.exists()
+
+
 def is_torch_source(path: Path) -> bool:
     """Whether ``path`` names a PyTorch model (by suffix, or as ``module:factory``)."""
-    suffix = path.suffix.lower()
-    if suffix in EXPORTED_SUFFIXES + TORCHSCRIPT_SUFFIXES:
-        return True
-    return not path.exists() and FACTORY.match(str(path)) is not None
+    return path.suffix.lower() in EXPORTED_SUFFIXES + TORCHSCRIPT_SUFFIXES or is_factory(path)
 
 
 def check_torch_source(path: Path) -> TorchKind:
     """The cheap checks, before torch is imported."""
-    if FACTORY.match(str(path)) and not path.exists():
+    if is_factory(path):
         return "factory"
     if not path.exists():
         raise ConverterError(f"{path}: not found")

@@ -442,11 +442,14 @@ class CommandDispatcher:
 
     def _deploy(self, command: p.DeployCommand, progress: p.Progress) -> dict[str, Any]:
         manifest = dict(command.manifest)
-        # Nothing is downloaded for a deploy the device would refuse whatever the file holds.
-        parsed = self._fetcher.verify(manifest, command.signature)
-        self._target.check_deploy(parsed.name, command.pipeline)
         model_file = self._fetcher.fetch(
-            command.id, command.artifact, manifest, progress, signature=command.signature
+            command.id,
+            command.artifact,
+            manifest,
+            progress,
+            signature=command.signature,
+            # Nothing is downloaded for a deploy the device would refuse whatever the file.
+            before_download=lambda parsed: self._target.check_deploy(parsed.name, command.pipeline),
         )
         # Only what the command sets: a target that knows none of them still works.
         checks: dict[str, Any] = {

@@ -22,6 +22,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,14 @@ class ArtifactFetcher:
         progress: p.Progress,
         *,
         signature: str | None = None,
+        before_download: Callable[[Manifest], None] | None = None,
     ) -> Path:
         """Verify, then fetch the model file; raises ``CommandFailed`` (bad_manifest,
-        bad_signature, download_failed, checksum_mismatch, storage_failed)."""
+        bad_signature, download_failed, checksum_mismatch, storage_failed).
+        ``before_download`` gets the verified manifest first and may refuse by raising."""
         parsed = self.verify(manifest, signature)
+        if before_download is not None:
+            before_download(parsed)
         transport = self._transport(artifact)
         transport.precheck(artifact, parsed.model.size)
         if self._stop.is_set():
